@@ -1,0 +1,27 @@
+"""Option aliases shared by several commands, so every command spells them the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto picks CUDA when present).")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype", help="auto | fp32 | bf16. auto: bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX."
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same output).")]
+Latents = Annotated[
+    int | None, typer.Option("--latents", help="Number of latents N at inference: the eval-time compute budget.")
+]
+CheckpointOpt = Annotated[
+    str | None, typer.Option("--checkpoint", "-c", help="Checkpoint name or directory (default: the shipped one).")
+]
+OutPath = Annotated[Path | None, typer.Option("--out", "-o", help="Output file.")]

@@ -1,0 +1,68 @@
+"""Device and compute-dtype choice shared by generate, train, eval and bench.
+
+`--dtype auto` uses bf16 autocast only where it is fast: on CUDA, and on CPUs whose /proc/cpuinfo lists
+avx512_bf16 or amx_bf16. On AVX2-only CPUs bf16 matmuls are ~100x slower than fp32, so auto means fp32 there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+
+import torch
+
+DTYPES = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r} (choose from {', '.join(DEVICES)})")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast compute dtype: torch.bfloat16 or torch.float32."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """A context manager: bf16 autocast, or nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,338 @@
+"""Sampling from a Perceiver AR: options, logit filters, the window schedule and exact cached decoding.
+
+The window schedule follows the official Perceiver AR sampler (google-research/perceiver-ar): the latent
+window grows by one position per new token until it holds N latents, then it is *refilled* by one exact
+pass at R = N/2 latents and grows again. A latent's self-attention output depends on every earlier latent,
+so dropping the oldest latent invalidates the latent caches; refilling keeps every cached step exact.
+The input window slides only at refills, and then far enough that it stays within max_context until the
+next refill; the model therefore always sees at least max_context - (N - R) tokens once the sequence is long.
+
+The cross-attention keys/values of every input position are computed once, rotated at their absolute
+position, and kept in a preallocated buffer; a refill reuses them and only reruns the R latents.
+`use_cache=False` recomputes every step with a full forward over exactly the same window: the reference
+the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import PerceiverAR
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling options and logit filters
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    banned_tokens: tuple[int, ...] = ()  # e.g. BOS, or EOS while a minimum length is not reached
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} is outside (0, 1]")
+
+
+def _ban(logits: Tensor, options: SamplingOptions) -> Tensor:
+    if options.banned_tokens:
+        logits = logits.clone()
+        logits[:, list(options.banned_tokens)] = float("-inf")
+    return logits
+
+
+def _top_k(logits: Tensor, options: SamplingOptions) -> Tensor:
+    if options.top_k is None or options.top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(options.top_k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p(logits: Tensor, options: SamplingOptions) -> Tensor:
+    if options.top_p is None or options.top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # drop a token when the tokens before it already cover top_p; the most likely token always stays
+    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= options.top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+LOGIT_FILTERS: tuple[Callable[[Tensor, SamplingOptions], Tensor], ...] = (_ban, _top_k, _top_p)
+
+
+def sample_next(logits: Tensor, options: SamplingOptions, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from logits (B, V)."""
+    logits = logits.float()
+    for apply_filter in LOGIT_FILTERS:
+        logits = apply_filter(logits, options)
+    if options.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = (logits / options.temperature).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The window schedule (pure)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Logits after `end` tokens come from a forward over tokens[start:end] with `num_latents` latents."""
+
+    start: int
+    end: int
+    num_latents: int
+    refill: bool  # True: computed by a fresh latent pass (prefill or refill); False: one cached step
+
+
+def next_window(
+    previous: Window | None, max_context: int, num_latents: int, refill_latents: int | None = None
+) -> Window:
+    """The window for one more token than `previous` (or for a prompt of length `previous.end`, see below)."""
+    assert previous is not None
+    refill_to = max(1, num_latents // 2) if refill_latents is None else refill_latents
+    end = previous.end + 1
+    grown = previous.num_latents + 1
+    if grown <= num_latents and end - previous.start <= max_context:
+        return Window(previous.start, end, grown, refill=False)
+    # Slide far enough that the next num_latents - refill_to steps fit in max_context before the next refill.
+    start = max(previous.start, end - max_context + (num_latents - refill_to), 0)
+    start = min(start, end - 1)
+    return Window(start, end, min(refill_to, end - start), refill=True)
+
+
+def prompt_window(
+    prompt_length: int, max_context: int, num_latents: int, refill_latents: int | None = None
+) -> Window:
+    """The first window, over the prompt: its last max_context tokens; all of them latents if they fit in N,
+    otherwise R latents, so that the next N - R tokens are cheap cached steps."""
+    if prompt_length < 1:
+        raise ValueError("the prompt needs at least one token (e.g. the codec's BOS)")
+    refill_to = max(1, num_latents // 2) if refill_latents is None else refill_latents
+    if not 1 <= refill_to <= num_latents:
+        raise ValueError(f"refill_latents={refill_to} is outside [1, {num_latents}]")
+    start = max(0, prompt_length - max_context)
+    length = prompt_length - start
+    latents = length if length <= num_latents else refill_to
+    return Window(start, prompt_length, latents, refill=True)
+
+
+def window_schedule(
+    prompt_length: int, max_new_tokens: int, max_context: int, num_latents: int, refill_latents: int | None = None
+) -> list[Window]:
+    """The windows whose last logits produce new tokens 1..max_new_tokens."""
+    windows = [prompt_window(prompt_length, max_context, num_latents, refill_latents)]
+    while len(windows) < max_new_tokens:
+        windows.append(next_window(windows[-1], max_context, num_latents, refill_latents))
+    return windows[:max_new_tokens]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cached decoding
+
+
+class DecodeState:
+    """Preallocated caches for one batch: cross-attention keys/values of the input window, and each latent
+    layer's keys/values of the current latents."""
+
+    def __init__(self, model: PerceiverAR, batch: int, total_length: int, device: torch.device):
+        c = model.config
+        self.model = model
+        self.tokens = torch.zeros(batch, total_length, dtype=torch.long, device=device)
+        self.length = 0
+        # one slot more than max_context: the newest token is appended before the refill that slides the window
+        self.cross_capacity = min(c.max_context + 1, total_length)
+        self.cross_start = 0  # absolute position of cross_key[:, :, 0]
+        self.cross_length = 0
+        self.cross_key: Tensor | None = None
+        self.cross_value: Tensor | None = None
+        self.latent_keys: list[Tensor] = []
+        self.latent_values: list[Tensor] = []
+        self.num_latents = 0
+        self.latent_capacity = c.num_latents
+        self.batch, self.device = batch, device
+
+    def _allocate(self, like: Tensor) -> None:
+        c = self.model.config
+        shape = (self.batch, c.num_heads, self.cross_capacity, c.head_dim)
+        self.cross_key = like.new_empty(shape)
+        self.cross_value = like.new_empty(shape)
+        latent_shape = (self.batch, c.num_heads, self.latent_capacity, c.head_dim)
+        self.latent_keys = [like.new_empty(latent_shape) for _ in self.model.layers]
+        self.latent_values = [like.new_empty(latent_shape) for _ in self.model.layers]
+
+    def _positions(self, start: int, end: int) -> Tensor:
+        return torch.arange(start, end, device=self.device)[None]  # (1, T)
+
+    def append_inputs(self, tokens: Tensor) -> None:
+        """Embed new tokens (B, t) and append their cross-attention keys/values (rotated once)."""
+        start = self.length
+        self.tokens[:, start : start + tokens.shape[1]] = tokens
+        self.length += tokens.shape[1]
+        embedded = self.model.embedding(tokens)
+        key, value = self.model.cross_attention.input_key_value(
+            embedded, self.model.rope(self._positions(start, self.length))
+        )
+        if self.cross_key is None:
+            self._allocate(key)
+        offset = start - self.cross_start
+        self.cross_key[:, :, offset : offset + tokens.shape[1]] = key
+        self.cross_value[:, :, offset : offset + tokens.shape[1]] = value
+        self.cross_length = offset + tokens.shape[1]
+
+    def slide_to(self, start: int) -> None:
+        """Drop cached inputs before absolute position `start` (one copy per refill, never per token)."""
+        shift = start - self.cross_start
+        if shift <= 0:
+            return
+        keep = self.cross_length - shift
+        for buffer in (self.cross_key, self.cross_value):
+            buffer[:, :, :keep] = buffer[:, :, shift : shift + keep].clone()
+        self.cross_start, self.cross_length = start, keep
+
+    def latent_pass(self, window: Window) -> Tensor:
+        """Fresh pass over the window's last n positions: fills the latent caches, returns last logits (B, V)."""
+        assert window.end == self.length
+        self.slide_to(window.start)
+        n = window.num_latents
+        positions = self._positions(window.end - n, window.end)
+        rope = self.model.rope(positions)
+        latents = self.model.embedding(self.tokens[:, window.end - n : window.end])  # (B, n, D)
+        key, value = self.cross_key[:, :, : self.cross_length], self.cross_value[:, :, : self.cross_length]
+        hidden = self.model.cross_attention.attend(latents, key, value, rope)
+        for index, layer in enumerate(self.model.layers):
+            query, key, value = layer.query_key_value(hidden, rope)
+            self.latent_keys[index][:, :, :n] = key
+            self.latent_values[index][:, :, :n] = value
+            hidden = layer.finish(hidden, query, key, value)
+        self.num_latents = n
+        return self.model.head(self.model.final_norm(hidden[:, -1]))
+
+    def step(self, window: Window) -> Tensor:
+        """One cached step: the newest position becomes one more latent. Returns its logits (B, V)."""
+        assert window.end == self.length and window.num_latents == self.num_latents + 1
+        position = window.end - 1
+        rope = self.model.rope(self._positions(position, position + 1))
+        latent = self.model.embedding(self.tokens[:, position : position + 1])  # (B, 1, D)
+        key, value = self.cross_key[:, :, : self.cross_length], self.cross_value[:, :, : self.cross_length]
+        hidden = self.model.cross_attention.attend(latent, key, value, rope)
+        n = self.num_latents
+        for index, layer in enumerate(self.model.layers):
+            query, key, value = layer.query_key_value(hidden, rope)
+            self.latent_keys[index][:, :, n : n + 1] = key
+            self.latent_values[index][:, :, n : n + 1] = value
+            hidden = layer.finish(
+                hidden, query, self.latent_keys[index][:, :, : n + 1], self.latent_values[index][:, :, : n + 1]
+            )
+        self.num_latents = n + 1
+        return self.model.head(self.model.final_norm(hidden[:, -1]))
+
+
+def window_logits(model: PerceiverAR, tokens: Tensor, window: Window) -> Tensor:
+    """Reference: a full forward over exactly the window, last position's logits (B, V)."""
+    return model(
+        tokens[:, window.start : window.end], num_latents=window.num_latents, position_offset=window.start
+    )[:, -1]
+
+
+@dataclass
+class Step:
+    """What the stream yields per new token: the tokens (B,), the logits they were drawn from, the window."""
+
+    tokens: Tensor
+    logits: Tensor
+    window: Window
+
+
+@torch.no_grad()
+def generate_stream(
+    model: PerceiverAR,
+    prompt: Tensor,
+    max_new_tokens: int,
+    options: SamplingOptions = SamplingOptions(),
+    *,
+    generator: torch.Generator | None = None,
+    num_latents: int | None = None,
+    refill_latents: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[Step]:
+    """Yield one Step per new token; stop consuming to stop generating (e.g. at a duration in seconds)."""
+    if prompt.dim() != 2:
+        raise ValueError(f"prompt must be (batch, length), got shape {tuple(prompt.shape)}")
+    c = model.config
+    n = c.num_latents if num_latents is None else num_latents
+    if not 1 <= n <= c.max_context:
+        raise ValueError(f"num_latents={n} is outside [1, {c.max_context}]")
+    batch, prompt_length = prompt.shape
+    total = prompt_length + max_new_tokens
+    window = prompt_window(prompt_length, c.max_context, n, refill_latents)
+    if use_cache:
+        state = DecodeState(model, batch, total, prompt.device)
+        state.tokens[:, : window.start] = prompt[:, : window.start]
+        state.length = state.cross_start = window.start  # inputs before the window are never attended to
+        state.append_inputs(prompt[:, window.start :])
+    else:
+        tokens = torch.zeros(batch, total, dtype=torch.long, device=prompt.device)
+        tokens[:, :prompt_length] = prompt
+    for produced in range(max_new_tokens):
+        if produced:
+            window = next_window(window, c.max_context, n, refill_latents)
+        if use_cache:
+            logits = state.latent_pass(window) if window.refill else state.step(window)
+        else:
+            logits = window_logits(model, tokens, window)
+        new_tokens = sample_next(logits, options, generator)
+        if use_cache:
+            if produced + 1 < max_new_tokens:
+                state.append_inputs(new_tokens[:, None])
+        else:
+            tokens[:, window.end] = new_tokens
+        yield Step(new_tokens, logits.float(), window)
+
+
+def generate(
+    model: PerceiverAR,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    num_latents: int | None = None,
+    use_cache: bool = True,
+    banned_tokens: tuple[int, ...] = (),
+    on_token: Callable[[Step], None] | None = None,
+) -> Tensor:
+    """Prompt (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy; a seeded generator is reproducible."""
+    options = SamplingOptions(temperature, top_k, top_p, tuple(banned_tokens))
+    was_training = model.training
+    model.eval()
+    pieces = [prompt]
+    try:
+        for step in generate_stream(
+            model,
+            prompt,
+            max_new_tokens,
+            options,
+            generator=generator,
+            num_latents=num_latents,
+            use_cache=use_cache,
+        ):
+            pieces.append(step.tokens[:, None])
+            if on_token is not None:
+                on_token(step)
+    finally:
+        model.train(was_training)
+    return torch.cat(pieces, dim=1)

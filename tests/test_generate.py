@@ -1,0 +1,150 @@
+"""Generation: the window schedule (pure), cache exactness against full forwards, sampling filters, seeding."""
+
+import pytest
+import torch
+
+from perceiver_cli import PerceiverAR, PerceiverARConfig, generate, generate_stream, window_schedule
+from perceiver_cli.generate import SamplingOptions, Window, next_window, prompt_window, sample_next
+
+MAX_CONTEXT, LATENTS = 40, 8
+
+
+@pytest.fixture(scope="module")
+def model() -> PerceiverAR:
+    torch.manual_seed(0)
+    config = PerceiverARConfig(
+        vocab_size=29, max_context=MAX_CONTEXT, num_latents=LATENTS, d_model=32, num_heads=4, num_layers=3
+    )
+    return PerceiverAR(config).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the window schedule
+
+
+def test_short_prompt_grows_the_latent_window_then_refills_at_half():
+    windows = window_schedule(prompt_length=1, max_new_tokens=12, max_context=100, num_latents=8)
+    assert [w.num_latents for w in windows] == [1, 2, 3, 4, 5, 6, 7, 8, 4, 5, 6, 7]
+    assert [w.refill for w in windows] == [True] + [False] * 7 + [True] + [False] * 3
+    assert all(w.start == 0 and w.end == 1 + i for i, w in enumerate(windows))
+
+
+def test_long_prompt_starts_at_refill_size_so_the_next_steps_are_cached():
+    first = prompt_window(prompt_length=30, max_context=100, num_latents=8)
+    assert first == Window(start=0, end=30, num_latents=4, refill=True)
+    assert next_window(first, 100, 8) == Window(0, 31, 5, refill=False)
+
+
+def test_prompt_longer_than_context_keeps_its_last_tokens():
+    assert prompt_window(prompt_length=130, max_context=100, num_latents=8).start == 30
+
+
+def test_window_slides_only_at_refills_and_stays_within_context():
+    windows = window_schedule(prompt_length=5, max_new_tokens=300, max_context=40, num_latents=8)
+    for previous, current in zip(windows, windows[1:], strict=False):
+        assert current.end - current.start <= 40
+        assert 1 <= current.num_latents <= 8
+        if current.start != previous.start:
+            assert current.refill
+        if not current.refill:
+            assert current.num_latents == previous.num_latents + 1
+    # once the sequence is long the model always sees at least max_context - (N - N/2) tokens
+    assert min(w.end - w.start for w in windows if w.end > 40) >= 40 - 4
+
+
+def test_refill_latents_is_configurable():
+    windows = window_schedule(1, 20, 100, 8, refill_latents=6)
+    assert [w.num_latents for w in windows][7:12] == [8, 6, 7, 8, 6]
+
+
+def test_empty_prompt_is_refused():
+    with pytest.raises(ValueError, match="at least one token"):
+        prompt_window(0, 10, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cache exactness
+
+
+@pytest.mark.parametrize("prompt_length, num_latents", [(1, None), (5, None), (37, None), (45, 6)])
+def test_cached_logits_equal_full_forward_at_every_step(model, prompt_length, num_latents):
+    """Greedy decoding long enough to cross several refills and run past max_context."""
+    torch.manual_seed(prompt_length)
+    prompt = torch.randint(0, 29, (2, prompt_length))
+    options = SamplingOptions(temperature=0)
+    cached = list(generate_stream(model, prompt, 120, options, num_latents=num_latents, use_cache=True))
+    reference = list(generate_stream(model, prompt, 120, options, num_latents=num_latents, use_cache=False))
+    assert sum(step.window.refill for step in cached) >= 3
+    assert cached[-1].window.end > MAX_CONTEXT
+    for index, (a, b) in enumerate(zip(cached, reference, strict=True)):
+        assert a.window == b.window
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0, msg=f"step {index}")
+        assert torch.equal(a.tokens, b.tokens), f"step {index}"
+
+
+def test_greedy_tokens_identical_with_and_without_cache(model):
+    prompt = torch.randint(0, 29, (1, 3))
+    with_cache = generate(model, prompt, 90, temperature=0)
+    without = generate(model, prompt, 90, temperature=0, use_cache=False)
+    assert with_cache.shape == (1, 93)
+    assert torch.equal(with_cache, without)
+    assert torch.equal(with_cache[:, :3], prompt)
+
+
+def test_batched_generation_matches_rows_generated_alone(model):
+    prompt = torch.randint(0, 29, (3, 4))
+    batched = generate(model, prompt, 50, temperature=0)
+    for row in range(3):
+        assert torch.equal(generate(model, prompt[row : row + 1], 50, temperature=0), batched[row : row + 1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens(model):
+    prompt = torch.zeros(2, 1, dtype=torch.long)
+
+    def run(seed):
+        return generate(model, prompt, 60, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(4, 50)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, SamplingOptions(top_k=1), generator), logits.argmax(-1))
+
+
+def test_top_p_keeps_the_smallest_set_covering_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    drawn = {int(sample_next(logits, SamplingOptions(top_p=0.7), generator)) for _ in range(200)}
+    assert drawn == {0, 1}
+
+
+def test_banned_tokens_are_never_drawn():
+    logits = torch.zeros(1, 5)
+    logits[0, 2] = 100.0
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        assert int(sample_next(logits, SamplingOptions(banned_tokens=(2,)), generator)) != 2
+
+
+def test_invalid_sampling_options_are_refused():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingOptions(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingOptions(temperature=-1)
+
+
+def test_stream_can_stop_early_and_reports_windows(model):
+    steps = []
+    for step in generate_stream(model, torch.zeros(1, 1, dtype=torch.long), 1000, SamplingOptions()):
+        steps.append(step)
+        if len(steps) == 7:
+            break
+    assert [s.window.end for s in steps] == list(range(1, 8))
+    assert steps[0].logits.shape == (1, 29)

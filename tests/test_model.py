@@ -1,0 +1,164 @@
+"""The Perceiver AR model: shapes, causality, latents, prefix dropout, gradients, config round trip."""
+
+import json
+
+import pytest
+import torch
+
+from perceiver_cli import PerceiverAR, PerceiverARConfig
+from perceiver_cli.model import causal_attention, latent_loss, rotary_tables
+
+
+def tiny_config(**overrides) -> PerceiverARConfig:
+    values = dict(vocab_size=37, max_context=48, num_latents=8, d_model=32, num_heads=4, num_layers=2)
+    return PerceiverARConfig(**{**values, **overrides})
+
+
+@pytest.fixture
+def model() -> PerceiverAR:
+    torch.manual_seed(0)
+    return PerceiverAR(tiny_config()).eval()
+
+
+def test_logits_cover_the_last_latent_positions(model):
+    tokens = torch.randint(0, 37, (3, 40))
+    assert model(tokens).shape == (3, 8, 37)
+    assert model(tokens, num_latents=5).shape == (3, 5, 37)
+    # shorter than N: every position is a latent
+    assert model(tokens[:, :6]).shape == (3, 6, 37)
+
+
+def test_input_longer_than_context_is_refused(model):
+    with pytest.raises(ValueError, match="exceeds max_context=48"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+
+
+@pytest.mark.parametrize("num_latents", [1, 8, 40])
+def test_causality_changing_token_j_never_changes_earlier_logits(model, num_latents):
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 37, (1, 40))
+    before = model(tokens, num_latents=num_latents)
+    first_latent = 40 - num_latents
+    for j in range(first_latent, 40):
+        changed = tokens.clone()
+        changed[0, j] = (changed[0, j] + 1) % 37
+        after = model(changed, num_latents=num_latents)
+        k = j - first_latent  # latent index of position j
+        torch.testing.assert_close(after[:, :k], before[:, :k], atol=1e-5, rtol=0)
+        assert not torch.allclose(after[:, k:], before[:, k:])
+
+
+def test_prefix_tokens_reach_every_latent(model):
+    tokens = torch.randint(0, 37, (1, 40))
+    changed = tokens.clone()
+    changed[0, 0] = (changed[0, 0] + 5) % 37
+    assert (model(changed) - model(tokens)).abs().amax(dim=-1).min() > 0
+
+
+def test_bottom_right_causal_attention_matches_a_dense_reference():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
+    scores = q @ k.transpose(-1, -2) / 8**0.5
+    allowed = torch.arange(12)[None, :] <= torch.arange(5)[:, None] + 7
+    expected = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(causal_attention(q, k, v), expected, atol=1e-5, rtol=1e-5)  # fast no-grad path
+    q.requires_grad_(True)
+    torch.testing.assert_close(causal_attention(q, k, v), expected, atol=1e-5, rtol=1e-5)  # masked path
+
+
+def test_position_offset_only_changes_rounding(model):
+    tokens = torch.randint(0, 37, (2, 30))
+    torch.testing.assert_close(model(tokens, position_offset=12345), model(tokens), atol=1e-4, rtol=0)
+
+
+def test_rotary_tables_are_accurate_far_out():
+    cos, sin = rotary_tables(torch.tensor([100_000]), 8, 10_000.0, torch.float32)
+    assert torch.allclose(cos**2 + sin**2, torch.ones_like(cos), atol=1e-6)
+    assert abs(cos[0, 0].item() - torch.tensor(100_000.0, dtype=torch.float64).cos().item()) < 1e-6
+
+
+def test_batch_rows_are_independent(model):
+    tokens = torch.randint(0, 37, (4, 33))
+    batched = model(tokens)
+    for row in range(4):
+        torch.testing.assert_close(model(tokens[row : row + 1]), batched[row : row + 1], atol=1e-5, rtol=0)
+
+
+def test_gradient_reaches_every_parameter():
+    torch.manual_seed(3)
+    model = PerceiverAR(tiny_config(tie_embeddings=False)).train()
+    tokens = torch.randint(0, 37, (2, 41))
+    latent_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_prefix_dropout_only_in_training():
+    torch.manual_seed(4)
+    model = PerceiverAR(tiny_config(prefix_dropout=0.5))
+    tokens = torch.randint(0, 37, (2, 40))
+    model.eval()
+    torch.testing.assert_close(model(tokens), model(tokens))
+    model.train()
+    torch.manual_seed(5)
+    first = model(tokens)
+    torch.manual_seed(6)
+    second = model(tokens)
+    assert not torch.allclose(first, second)  # different prefix positions dropped
+    model.eval()
+    assert not torch.allclose(model(tokens), first)
+
+
+def test_prefix_dropout_removes_positions_physically():
+    model = PerceiverAR(tiny_config(prefix_dropout=0.75)).train()
+    seen = {}
+    handle = model.cross_attention.attention.key_value.register_forward_hook(
+        lambda module, args, output: seen.__setitem__("positions", output.shape[1])
+    )
+    model(torch.randint(0, 37, (1, 40)))
+    handle.remove()
+    assert seen["positions"] == 8 + round(32 * 0.25)  # latents + kept quarter of the prefix
+
+
+def test_seeded_initialisation_is_deterministic():
+    torch.manual_seed(7)
+    a = PerceiverAR(tiny_config())
+    torch.manual_seed(7)
+    b = PerceiverAR(tiny_config())
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_config_json_round_trip():
+    config = tiny_config(prefix_dropout=0.25, rotary_fraction=0.25, tie_embeddings=False)
+    assert PerceiverARConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["num_latents"] == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_latents=0), "num_latents=0 is outside"),
+        (dict(d_model=30, num_heads=4), "not divisible"),
+        (dict(prefix_dropout=1.0), "prefix_dropout"),
+    ],
+)
+def test_invalid_configs_say_what_is_wrong(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_unknown_config_fields_are_refused():
+    with pytest.raises(ValueError, match="unknown PerceiverARConfig fields: colour"):
+        PerceiverARConfig.from_dict({**tiny_config().to_dict(), "colour": 1})
+
+
+def test_num_latents_out_of_range_at_call_time(model):
+    with pytest.raises(ValueError, match="num_latents=0 is outside"):
+        model(torch.zeros(1, 4, dtype=torch.long), num_latents=0)
+
+
+def test_latent_loss_of_uniform_logits_is_log_vocab():
+    logits = torch.zeros(2, 5, 37)
+    targets = torch.randint(0, 37, (2, 9))
+    assert latent_loss(logits, targets).item() == pytest.approx(torch.log(torch.tensor(37.0)).item())
