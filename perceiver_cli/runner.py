@@ -504,6 +504,9 @@ class _Music:
     def record(self, sample: MusicSample) -> dict[str, Any]:
         return {"music_seconds": round(sample.music_seconds, 3), "prompt_seconds": round(sample.prompt_seconds, 3)}
 
+    def write_overview(self, out_dir: Path, records: list[dict]) -> list[Path]:
+        return []
+
 
 class _Image:
     name = "image"
@@ -558,6 +561,21 @@ class _Image:
     def record(self, sample: ImageSample) -> dict[str, Any]:
         return {"kept_rows": sample.kept_rows}
 
+    def write_overview(self, out_dir: Path, records: list[dict]) -> list[Path]:
+        """grid.png of every finished sample in a batch folder."""
+        from PIL import Image
+
+        from . import render
+
+        images = []
+        for record in sorted(records, key=lambda r: r["sample"]):
+            with Image.open(out_dir / record["file"]) as image:
+                images.append(image.convert("RGB"))
+        if not images:
+            return []
+        render.image_grid(images, out_dir / GRID_FILE, scale=4)
+        return [out_dir / GRID_FILE]
+
 
 class _Text:
     name = "text"
@@ -602,6 +620,9 @@ class _Text:
 
     def record(self, sample: TextSample) -> dict[str, Any]:
         return {}
+
+    def write_overview(self, out_dir: Path, records: list[dict]) -> list[Path]:
+        return []
 
 
 _MODALITY = {MusicRequest: _Music(), ImageRequest: _Image(), TextRequest: _Text()}
@@ -886,8 +907,6 @@ def sample_batch(
                 for i, s in zip(batch, interrupted.samples, strict=False)
                 if len(s.tokens)
             ]
-            if isinstance(modality, _Image):
-                _write_grid(loaded, out_dir, records)
             raise Interrupted(interrupted.samples, partial) from None
         total_tokens += generation.tokens
         total_seconds += generation.seconds
@@ -914,13 +933,10 @@ def sample_batch(
             files.extend(str(p) for p in written)
             finished_now += 1
         _write_index(index_path, records)
-        if isinstance(modality, _Image):
-            _write_grid(loaded, out_dir, records)
-    if isinstance(modality, _Image) and not batches and not (out_dir / GRID_FILE).exists():
-        _write_grid(loaded, out_dir, records)
-    if isinstance(modality, _Image) and records:
-        files.append(str(out_dir / GRID_FILE))
-    files.append(str(index_path))
+        overview = modality.write_overview(out_dir, records)  # after every batch: an interrupt keeps it current
+    if not batches:
+        overview = modality.write_overview(out_dir, records)
+    files.extend(str(p) for p in [*overview, index_path])
     music = [r["music_seconds"] for r in records if "music_seconds" in r and r["sample"] in mains]
     return Summary(
         files=files,
@@ -933,19 +949,6 @@ def sample_batch(
         skipped=len(done),
         music_seconds=round(sum(music), 3) if music else None,
     )
-
-
-def _write_grid(loaded: Loaded, out_dir: Path, records: list[dict]) -> None:
-    from PIL import Image
-
-    from . import render
-
-    images = []
-    for record in sorted(records, key=lambda r: r["sample"]):
-        with Image.open(out_dir / record["file"]) as image:
-            images.append(image.convert("RGB"))
-    if images:
-        render.image_grid(images, out_dir / GRID_FILE, scale=4)
 
 
 __all__ = [

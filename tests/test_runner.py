@@ -34,7 +34,9 @@ def _long_midi(path, notes: int = 60):
     pm = pretty_midi.PrettyMIDI()
     piano = pretty_midi.Instrument(program=0)
     for i in range(notes):
-        piano.notes.append(pretty_midi.Note(velocity=40 + i % 80, pitch=48 + i % 30, start=0.1 * i, end=0.1 * i + 0.25))
+        piano.notes.append(
+            pretty_midi.Note(velocity=40 + i % 80, pitch=48 + i % 30, start=0.1 * i, end=0.1 * i + 0.25)
+        )
     pm.instruments.append(piano)
     pm.write(str(path))
     return path
@@ -108,7 +110,9 @@ def test_music_continues_a_prompt_cut_to_its_first_seconds(music, prompt_midi):
 
 def test_music_prompt_longer_than_the_context_keeps_its_end(music, tmp_path):
     prompt = _long_midi(tmp_path / "long.mid")
-    generation = runner.generate_music(music, runner.MusicRequest(seconds=1, prompt=prompt), runner.GenerateOptions(seed=0))
+    generation = runner.generate_music(
+        music, runner.MusicRequest(seconds=1, prompt=prompt), runner.GenerateOptions(seed=0)
+    )
     assert any("sees the last 64" in n for n in generation.notices)
     sample = generation.samples[0]
     assert len(sample.midi.instruments[0].notes) >= 60  # the whole prompt is still in the output
@@ -140,7 +144,9 @@ def test_unconditional_image(image):
     assert sample.image.size == (8, 8) and len(sample.tokens) == 192 and sample.kept_rows == 0
 
 
-@pytest.mark.parametrize(("keep_rows", "keep_fraction", "kept"), [(3, None, 3), (None, 0.5, 4), (None, None, 4), (8, None, 8)])
+@pytest.mark.parametrize(
+    ("keep_rows", "keep_fraction", "kept"), [(3, None, 3), (None, 0.5, 4), (None, None, 4), (8, None, 8)]
+)
 def test_image_completion_keeps_the_prompt_rows_exactly(image, prompt_image, keep_rows, keep_fraction, kept):
     request = runner.ImageRequest(prompt_image, keep_rows, keep_fraction)
     generation = runner.generate_image(image, request, runner.GenerateOptions(seed=0, batch_size=2))
@@ -190,7 +196,9 @@ def test_text_streamer_holds_back_incomplete_byte_pieces(text):
 def test_text_prompt_longer_than_the_context_keeps_its_end(text, tmp_path):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Call me Ishmael. " * 30, encoding="utf-8")
-    generation = runner.generate_text(text, runner.TextRequest(tokens=5, prompt_file=prompt_file), runner.GenerateOptions(seed=0))
+    generation = runner.generate_text(
+        text, runner.TextRequest(tokens=5, prompt_file=prompt_file), runner.GenerateOptions(seed=0)
+    )
     assert any("the model's context is 48" in n for n in generation.notices)
     assert generation.samples[0].text.startswith("Call me Ishmael. " * 30)
 
@@ -229,7 +237,9 @@ def test_interrupt_writes_a_partial_output(text, tmp_path):
 
     out = tmp_path / "story.txt"
     with pytest.raises(runner.Interrupted) as caught:
-        runner.generate_file(text, runner.TextRequest(tokens=50), runner.GenerateOptions(seed=0), out, on_progress=stop_after_ten)
+        runner.generate_file(
+            text, runner.TextRequest(tokens=50), runner.GenerateOptions(seed=0), out, on_progress=stop_after_ten
+        )
     assert caught.value.files == [tmp_path / "story.partial.txt"]
     assert not out.exists() and (tmp_path / "story.partial.txt").is_file()
 
@@ -266,7 +276,12 @@ def test_sample_batch_resumes_after_an_interrupt(image, tmp_path):
     after = _snapshot(out_dir)
     assert {k: after[k] for k in before} == before  # finished samples untouched
     assert not [name for name in after if ".partial." in name]
-    assert sorted(json.loads(line)["sample"] for line in (out_dir / "index.jsonl").read_text().splitlines()) == [0, 1, 2, 3]
+    assert sorted(json.loads(line)["sample"] for line in (out_dir / "index.jsonl").read_text().splitlines()) == [
+        0,
+        1,
+        2,
+        3,
+    ]
     with Image.open(out_dir / "grid.png") as grid:
         assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     with Image.open(out_dir / "sample_0003.x8.png") as big:

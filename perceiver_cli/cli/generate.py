@@ -35,7 +35,9 @@ OutDir = Annotated[
     Path | None,
     typer.Option("--out-dir", help="Folder for --num-samples; rerunning continues where it stopped (index.jsonl)."),
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Sequences generated at once with --num-samples.")]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", "-b", help="Sequences generated at once with --num-samples.")
+]
 
 
 def register(parent: typer.Typer) -> None:
@@ -53,7 +55,9 @@ def _progress_bar(quiet: bool, unit: str):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    amount = "{task.completed:.1f}/{task.total:.1f} s" if unit == "s" else "{task.completed:.0f}/{task.total:.0f} tokens"
+    amount = (
+        "{task.completed:.1f}/{task.total:.1f} s" if unit == "s" else "{task.completed:.0f}/{task.total:.0f} tokens"
+    )
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -120,9 +124,13 @@ def _run(
         if bar is not None:
             bar.start()
         if batch_mode:
-            summary = runner.sample_batch(loaded, request, options, num_samples, out_dir, force=force, on_progress=update)
+            summary = runner.sample_batch(
+                loaded, request, options, num_samples, out_dir, force=force, on_progress=update
+            )
         else:
-            summary = runner.generate_file(loaded, request, options, out, force=force, on_progress=update, on_text=on_text)
+            summary = runner.generate_file(
+                loaded, request, options, out, force=force, on_progress=update, on_text=on_text
+            )
     except runner.Interrupted as interrupted:
         if bar is not None:
             bar.stop()
@@ -159,7 +167,9 @@ def _run(
 @app.command("music")
 @report_errors
 def music(
-    seconds: Annotated[float, typer.Option("--seconds", "-s", help="Seconds of new music (the prompt not counted).")] = 60.0,
+    seconds: Annotated[
+        float, typer.Option("--seconds", "-s", help="Seconds of new music (the prompt not counted).")
+    ] = 60.0,
     prompt: Annotated[Path | None, typer.Option("--prompt", "-p", help="A MIDI file to continue.")] = None,
     prompt_seconds: Annotated[
         float | None, typer.Option("--prompt-seconds", help="Use only this many seconds of the prompt.")
@@ -193,7 +203,9 @@ def music(
         raise UsageError("--prompt-seconds needs --prompt FILE")
     if prompt_from not in ("first", "last"):
         raise UsageError(f"--prompt-from {prompt_from!r} is not one of first, last")
-    request = runner.MusicRequest(seconds, prompt, prompt_seconds, prompt_from, audio=not no_audio, plot=not no_plot)
+    request = runner.MusicRequest(
+        seconds, prompt, prompt_seconds, prompt_from, audio=not no_audio, plot=not no_plot
+    )
     _run(
         "music", request, checkpoint=checkpoint, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         latents=latents, num_samples=num_samples, out=out, out_dir=out_dir, batch_size=batch_size, device=device,
@@ -212,7 +224,9 @@ def image(
             help="An image to complete: any size or format; it is centre-cropped and resized to the model's resolution.",
         ),
     ] = None,
-    keep_rows: Annotated[int | None, typer.Option("--keep-rows", help="Keep this many top rows of the prompt.")] = None,
+    keep_rows: Annotated[
+        int | None, typer.Option("--keep-rows", help="Keep this many top rows of the prompt.")
+    ] = None,
     keep: Annotated[
         float | None, typer.Option("--keep", help="Keep this fraction of the prompt's rows (default 0.5).")
     ] = None,

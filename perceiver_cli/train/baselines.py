@@ -295,7 +295,11 @@ class _Streams:
         shape = (codec.height, codec.width, 3)
         pixels = [np.asarray(d, dtype=np.int64) for d in documents]
         pixels = [p[~np.isin(p, list(codec.special_ids))] for p in pixels]
-        return np.stack([p.reshape(shape) for p in pixels]).astype(np.uint8) if pixels else np.zeros((0, *shape), np.uint8)
+        return (
+            np.stack([p.reshape(shape) for p in pixels]).astype(np.uint8)
+            if pixels
+            else np.zeros((0, *shape), np.uint8)
+        )
 
 
 Result = dict[str, tuple[float, str]]  # baseline name -> (total bits, what it is)

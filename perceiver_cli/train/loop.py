@@ -68,8 +68,8 @@ class WindowSampler:
             raise ValueError(f"{data.directory}: the {split} split is empty ({len(self.stream)} tokens)")
         lengths = np.diff(self.offsets)
         # equal-length documents that fit the context (images): draw prefixes of whole documents
-        self.documents = bool(len(lengths)) and lengths.min() == lengths.max() and lengths[0] <= config.context + 1
-        self.window = int(lengths[0]) if self.documents else config.context + 1
+        self.documents = bool(data.manifest.get("document_windows")) and len(lengths) > 0
+        self.window = int(lengths.max()) if self.documents else config.context + 1
         if not self.documents and len(self.stream) < self.window:
             raise ValueError(
                 f"{data.directory}: the {split} split has {len(self.stream)} tokens, fewer than one window "
@@ -198,6 +198,7 @@ class TrainResult:
     tokens_per_second: float
     interrupted: bool
     history: list[dict]
+    model: PerceiverAR | None = None
 
 
 class _StopFlag:
@@ -288,6 +289,7 @@ def train(
     train_sampler = WindowSampler(data, "train", config, augment=True)
     context = train_sampler.window - 1
     if not resume:
+        torch.manual_seed(config.seed)  # the same initial weights on every rank and for every rerun
         model = PerceiverAR(model_config_for(config, data.codec, context)).to(device).train()
     val_batches = None
     if data.tokens("val").size > 1:
@@ -414,7 +416,8 @@ def train(
         try:
             from ..render import plot_loss_curve
 
-            plot_loss_curve(history, run_dir / "loss.png", title=f"{data.codec.name}: {run_dir.name}")
+            records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            plot_loss_curve(records, run_dir / "loss.png", title=f"{data.codec.name}: {run_dir.name}")
         except Exception:  # a plot must never cost a training run
             pass
     elapsed = time.perf_counter() - started
@@ -428,6 +431,7 @@ def train(
         tokens_done * world / max(elapsed, 1e-9),
         interrupted,
         history,
+        model,
     )
 
 

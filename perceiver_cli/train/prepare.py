@@ -294,6 +294,8 @@ def prepare(
         "modality": modality,
         "codec": codec_config,
         "dtype": np.dtype(dtype).name,
+        # images are whole fixed-length documents: training draws prefixes that start at their BOS
+        "document_windows": modality == "image",
         "split_rule": "MAESTRO csv split column (test left out); otherwise sha1(name) < val_fraction -> val",
         "options": {**options.__dict__},
         "inputs": [str(p) for p in inputs],
