@@ -32,7 +32,7 @@ def root(
     """Perceiver AR: long-context autoregressive generation."""
 
 
-COMMAND_MODULES = ("train",)
+COMMAND_MODULES = ("generate", "codec", "train", "checkpoints", "bench")
 
 
 def _register() -> None:

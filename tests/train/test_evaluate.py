@@ -12,8 +12,11 @@ from perceiver_cli.train.evaluate import evaluate_documents, score_document
 
 
 def uniform_model(vocab: int, context: int = 32, latents: int = 8) -> PerceiverAR:
-    model = PerceiverAR(PerceiverARConfig(vocab_size=vocab, max_context=context, num_latents=latents, d_model=16,
-                                          num_heads=2, num_layers=1))
+    model = PerceiverAR(
+        PerceiverARConfig(
+            vocab_size=vocab, max_context=context, num_latents=latents, d_model=16, num_heads=2, num_layers=1
+        )
+    )
     with torch.no_grad():
         model.head.weight.zero_()  # tied: zero embeddings and zero logits, so every token has p = 1/V
     return model.eval()
@@ -32,8 +35,9 @@ def test_uniform_model_gives_log2_vocab_bits_per_token():
 
 def test_sliding_windows_score_each_token_once_with_the_full_context():
     torch.manual_seed(0)
-    model = PerceiverAR(PerceiverARConfig(vocab_size=11, max_context=24, num_latents=6, d_model=16, num_heads=2,
-                                          num_layers=1)).eval()
+    model = PerceiverAR(
+        PerceiverARConfig(vocab_size=11, max_context=24, num_latents=6, d_model=16, num_heads=2, num_layers=1)
+    ).eval()
     document = np.random.default_rng(1).integers(0, 11, size=70)
     bits = score_document(model, document)
     assert bits.shape == (69,)
@@ -42,8 +46,9 @@ def test_sliding_windows_score_each_token_once_with_the_full_context():
     for target in (1, 6, 7, 23, 24, 40, 69):
         stride_end = min(((target - 1) // 6 + 1) * 6, 69)
         start = max(0, stride_end - 24)
-        logits = model(tokens[:, start:stride_end], num_latents=stride_end - ((target - 1) // 6) * 6,
-                       position_offset=start)
+        logits = model(
+            tokens[:, start:stride_end], num_latents=stride_end - ((target - 1) // 6) * 6, position_offset=start
+        )
         position = (target - 1) - (stride_end - logits.shape[1])
         expected = -torch.log_softmax(logits[0, position], -1)[document[target]].item() / math.log(2)
         assert bits[target - 1] == pytest.approx(expected, abs=1e-4), target

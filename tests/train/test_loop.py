@@ -14,9 +14,24 @@ from perceiver_cli.checkpoint import load_checkpoint
 from perceiver_cli.train.config import TrainConfig, load_train_config
 from perceiver_cli.train.loop import learning_rate, train
 
-TINY = dict(context=64, latents=16, d_model=32, layers=1, heads=2, batch_size=4, warmup=5, lr=3e-3,
-            eval_every=10, eval_batches=2, save_every=10, log_every=1, transpose=0, stretch=0.0, device="cpu",
-            dtype="fp32")
+TINY = dict(
+    context=64,
+    latents=16,
+    d_model=32,
+    layers=1,
+    heads=2,
+    batch_size=4,
+    warmup=5,
+    lr=3e-3,
+    eval_every=10,
+    eval_batches=2,
+    save_every=10,
+    log_every=1,
+    transpose=0,
+    stretch=0.0,
+    device="cpu",
+    dtype="fp32",
+)
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -103,8 +118,19 @@ def test_ddp_two_cpu_processes_through_torchrun(music_data, tmp_path):
     """Two gloo ranks train a few steps; their weights stay identical and rank 0's checkpoint loads."""
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(worker), str(music_data), str(tmp_path / "run"), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(worker),
+        str(music_data),
+        str(tmp_path / "run"),
+        str(tmp_path),
+    ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perceiver_cli.train.prepare import PrepareOptions, PreparedData, prepare
+from perceiver_cli.train.prepare import PreparedData, PrepareOptions, prepare
 
 from .conftest import write_scale_midi
 
@@ -60,7 +60,9 @@ def test_images_get_several_flipped_crops_in_train_and_one_in_val(tmp_path):
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / f"p{i}.png")
     (root / "README.md").write_text("not a photo")
-    report = prepare("image", [root], tmp_path / "out", PrepareOptions(val_fraction=0.4, image_size=8, crops_per_image=3))
+    report = prepare(
+        "image", [root], tmp_path / "out", PrepareOptions(val_fraction=0.4, image_size=8, crops_per_image=3)
+    )
     assert report.documents["train"] == report.files["train"] * 3 * 2
     assert report.documents["val"] == report.files["val"]
     data = PreparedData(tmp_path / "out")

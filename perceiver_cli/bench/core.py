@@ -1,0 +1,296 @@
+"""`perceiver bench`: the core benchmark, Perceiver AR against a decoder-only Transformer, in one run.
+
+Config (issue #2): vocab 388, d_model 512, 8 heads, 1 cross-attention + 8 latent layers, N = 1024 latents;
+the Transformer has the same width and 9 layers. fp32 (or --dtype), 2 threads, batch 1. Each measurement runs
+in its own subprocess so that its peak resident memory (ru_maxrss) is its own; times are the best of a few
+repetitions after one warm-up. Rows:
+  prefill   one forward without grad over T tokens (T = 1k, 4k, 16k), logits for the last position(s)
+  decode    tokens/s for 256 new tokens after a 4,096-token prompt (greedy), cached and uncached
+  train     forward + backward + AdamW step at T = 4k and 16k; targets/s = trained positions per second
+            (Perceiver AR trains its N latent positions, the Transformer all T)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..device import autocast, cpu_name
+from ..model import PerceiverAR, PerceiverARConfig, latent_loss
+
+VOCAB, D_MODEL, HEADS, LATENT_LAYERS, LATENTS = 388, 512, 8, 8, 1024
+
+
+def bench_config(context: int) -> PerceiverARConfig:
+    return PerceiverARConfig(
+        vocab_size=VOCAB,
+        max_context=max(context, LATENTS),
+        num_latents=LATENTS,
+        d_model=D_MODEL,
+        num_heads=HEADS,
+        num_layers=LATENT_LAYERS,
+    )
+
+
+def _build(impl: str, context: int):
+    torch.manual_seed(0)
+    config = bench_config(context)
+    if impl == "perceiver":
+        return PerceiverAR(config)
+    from .transformer import Transformer
+
+    return Transformer(config, num_layers=LATENT_LAYERS + 1)
+
+
+def _best_time(function, repeats: int) -> float:
+    function()  # warm-up: allocator, kernels, caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run_case(case: dict) -> dict:
+    """One measurement, in the current process. case: {kind, impl, context, dtype, threads, ...}."""
+    torch.set_num_threads(case.get("threads", 2))
+    dtype = torch.bfloat16 if case.get("dtype") == "bf16" else torch.float32
+    device = torch.device("cpu")
+    impl, kind, context = case["impl"], case["kind"], case["context"]
+    model = _build(impl, context)
+    tokens = torch.randint(0, VOCAB, (1, context + 1), generator=torch.Generator().manual_seed(1))
+    result = dict(case)
+    if kind == "prefill":
+        model.eval()
+
+        def prefill():
+            with torch.no_grad(), autocast(device, dtype):
+                return (
+                    model(tokens[:, :context])
+                    if impl == "perceiver"
+                    else model(tokens[:, :context], last_only=True)
+                )
+
+        result["seconds"] = _best_time(prefill, case.get("repeats", 3))
+    elif kind == "decode":
+        model.eval()
+        new = case.get("new_tokens", 256)
+        prompt = tokens[:, :context]
+        if impl == "perceiver":
+            from ..generate import generate
+
+            def decode():
+                with autocast(device, dtype):
+                    generate(model, prompt, new, temperature=0, use_cache=case["cached"])
+        else:
+
+            def decode():
+                with autocast(device, dtype):
+                    model.decode(prompt, new)
+
+        seconds = _best_time(decode, case.get("repeats", 1))
+        result.update(seconds=seconds, tokens_per_s=new / seconds)
+    elif kind == "train":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+        def step():
+            with autocast(device, dtype):
+                logits = model(tokens[:, :context])
+            if impl == "perceiver":
+                loss = latent_loss(logits, tokens[:, 1:])
+            else:
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[0, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return logits.shape[1]
+
+        trained = min(context, LATENTS) if impl == "perceiver" else context
+        seconds = _best_time(step, case.get("repeats", 2))
+        result.update(seconds=seconds, targets_per_s=trained / seconds)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    return result
+
+
+def run_isolated(case: dict, timeout: float = 1800) -> dict:
+    """run_case in a fresh interpreter, so that peak memory is per case."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(case.get("threads", 2))}
+    completed = subprocess.run(
+        [sys.executable, "-m", "perceiver_cli.bench.core", json.dumps(case)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if completed.returncode != 0:
+        return {
+            **case,
+            "error": completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else "failed",
+        }
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def core_cases(dtype: str = "fp32", threads: int = 2, quick: bool = False) -> list[dict]:
+    base = {"dtype": dtype, "threads": threads}
+    prefill = [1024, 4096] if quick else [1024, 4096, 16384]
+    train = [4096] if quick else [4096, 16384]
+    cases = []
+    for impl in ("perceiver", "transformer"):
+        cases += [{**base, "kind": "prefill", "impl": impl, "context": t} for t in prefill]
+    cases += [
+        {**base, "kind": "decode", "impl": "perceiver", "context": 4096, "cached": True, "new_tokens": 256},
+        {
+            **base,
+            "kind": "decode",
+            "impl": "perceiver",
+            "context": 4096,
+            "cached": False,
+            "new_tokens": 32 if quick else 256,
+        },
+        {**base, "kind": "decode", "impl": "transformer", "context": 4096, "cached": True, "new_tokens": 256},
+    ]
+    for impl in ("perceiver", "transformer"):
+        cases += [
+            {**base, "kind": "train", "impl": impl, "context": t, "repeats": 1 if t > 4096 else 2} for t in train
+        ]
+    return cases
+
+
+@dataclass
+class Row:
+    label: str
+    perceiver: dict | None
+    transformer: dict | None
+
+
+def summarise(results: list[dict]) -> tuple[list[list[str]], list[str]]:
+    """Markdown-ready table rows and the ratio lines against the issue's targets."""
+
+    def find(kind, impl, context, cached=None):
+        for r in results:
+            if (
+                r["kind"] == kind
+                and r["impl"] == impl
+                and r["context"] == context
+                and r.get("cached", cached) == cached
+            ):
+                return r
+        return None
+
+    rows, ratios = [], []
+    for t in sorted({r["context"] for r in results if r["kind"] == "prefill"}):
+        p, x = find("prefill", "perceiver", t), find("prefill", "transformer", t)
+        rows.append(
+            [
+                f"prefill T={t:,}",
+                _fmt(p, "seconds", "s"),
+                _fmt(x, "seconds", "s"),
+                _ratio(x, p, "seconds"),
+                _fmt(p, "peak_rss_mib", "MiB"),
+                _fmt(x, "peak_rss_mib", "MiB"),
+            ]
+        )
+        if t == 16384 and p and x and "seconds" in p and "seconds" in x:
+            ratios.append(
+                f"prefill 16k: Perceiver AR {x['seconds'] / p['seconds']:.1f}x faster than the Transformer (target >= 20x)"
+            )
+    pc, pu = find("decode", "perceiver", 4096, True), find("decode", "perceiver", 4096, False)
+    xc = find("decode", "transformer", 4096, True)
+    rows.append(
+        [
+            "decode after 4,096 (cached) tok/s",
+            _fmt(pc, "tokens_per_s", ""),
+            _fmt(xc, "tokens_per_s", ""),
+            _ratio(pc, xc, "tokens_per_s"),
+            _fmt(pc, "peak_rss_mib", "MiB"),
+            _fmt(xc, "peak_rss_mib", "MiB"),
+        ]
+    )
+    rows.append(
+        [
+            "decode after 4,096 (uncached) tok/s",
+            _fmt(pu, "tokens_per_s", ""),
+            "-",
+            "-",
+            _fmt(pu, "peak_rss_mib", "MiB"),
+            "-",
+        ]
+    )
+    if pc and pu and xc and all("tokens_per_s" in r for r in (pc, pu, xc)):
+        ratios.append(
+            f"cached decode: {pc['tokens_per_s'] / pu['tokens_per_s']:.1f}x uncached (target >= 20x), "
+            f"{pc['tokens_per_s'] / xc['tokens_per_s']:.2f}x the Transformer (target >= 1.5x)"
+        )
+    for t in sorted({r["context"] for r in results if r["kind"] == "train"}):
+        p, x = find("train", "perceiver", t), find("train", "transformer", t)
+        rows.append(
+            [
+                f"train step T={t:,}",
+                _fmt(p, "seconds", "s"),
+                _fmt(x, "seconds", "s"),
+                _ratio(x, p, "seconds"),
+                _fmt(p, "peak_rss_mib", "MiB"),
+                _fmt(x, "peak_rss_mib", "MiB"),
+            ]
+        )
+        rows.append(
+            [
+                f"train targets/s T={t:,}",
+                _fmt(p, "targets_per_s", ""),
+                _fmt(x, "targets_per_s", ""),
+                _ratio(p, x, "targets_per_s"),
+                "",
+                "",
+            ]
+        )
+        if t == 16384 and p and x and "seconds" in p and "seconds" in x:
+            ratios.append(
+                f"train step 16k: {x['seconds'] / p['seconds']:.1f}x faster (target >= 10x), peak memory "
+                f"{p['peak_rss_mib']:.0f} vs {x['peak_rss_mib']:.0f} MiB"
+            )
+    return rows, ratios
+
+
+def _fmt(result: dict | None, key: str, unit: str) -> str:
+    if result is None:
+        return "-"
+    if "error" in result:
+        return f"error: {result['error'][:40]}"
+    value = result.get(key)
+    if value is None:
+        return "-"
+    text = f"{value:.3f}" if value < 10 else f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    return f"{text} {unit}".strip()
+
+
+def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> str:
+    if not numerator or not denominator or key not in numerator or key not in denominator:
+        return "-"
+    return f"{numerator[key] / denominator[key]:.1f}x"
+
+
+HEADER = ["measurement", "Perceiver AR", "Transformer", "ratio", "PAR peak RSS", "TF peak RSS"]
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    return f"{cpu_name()}, torch {torch.__version__}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_case(json.loads(sys.argv[1]))))

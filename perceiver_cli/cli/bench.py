@@ -1,0 +1,61 @@
+"""`perceiver bench`: Perceiver AR vs a decoder-only Transformer in one run (see perceiver_cli/bench/core.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import report_errors
+from .options import Json, Quiet
+
+stderr = Console(stderr=True)
+
+
+@report_errors
+def bench_command(
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | bf16 (autocast).")] = "fp32",
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
+    quick: Annotated[bool, typer.Option("--quick", help="Skip the 16k rows (a smoke run).")] = False,
+    markdown: Annotated[Path | None, typer.Option(help="Also write the table (markdown) to this file.")] = None,
+    quiet: Quiet = False,
+    json_output: Json = False,
+) -> None:
+    """Prefill, cached/uncached decode and training step, each case in its own process (peak RSS per case)."""
+    from ..bench.core import HEADER, core_cases, machine_line, markdown_table, run_isolated, summarise
+
+    results = []
+    for case in core_cases(dtype, threads, quick):
+        if not quiet:
+            stderr.print(
+                f"running {case['kind']} {case['impl']} T={case['context']}"
+                + (f" cached={case['cached']}" if "cached" in case else ""),
+                highlight=False,
+            )
+        results.append(run_isolated(case))
+    rows, ratios = summarise(results)
+    if json_output:
+        print(json.dumps({"machine": machine_line(), "results": results, "ratios": ratios}))
+    else:
+        table = Table(title=f"perceiver bench ({dtype}, {threads} threads, batch 1) on {machine_line()}")
+        for name in HEADER:
+            table.add_column(name)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        for line in ratios:
+            print(line)
+    if markdown:
+        text = (
+            f"Machine: {machine_line()}; dtype {dtype}; {threads} threads; batch 1.\n\n{markdown_table(rows)}\n\n"
+        )
+        text += "\n".join(f"- {line}" for line in ratios) + "\n"
+        markdown.write_text(text)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_command)
