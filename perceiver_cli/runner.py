@@ -86,7 +86,7 @@ def load(checkpoint: str | Path | None, modality: str, device: str = "auto", dty
     if kind != modality:
         raise CheckpointError(f"{path}: is {_a(kind)} checkpoint, not {modality}")
     torch_device = resolve_device(device)
-    compute = resolve_dtype(dtype, torch_device)
+    compute = resolve_dtype(dtype, torch_device, purpose="decode")
     loaded = load_checkpoint(path, device=torch_device, dtype=torch.float32)
     return Loaded(loaded.model, loaded.codec, torch_device, compute, loaded.path, loaded.meta)
 

@@ -207,6 +207,10 @@ def eval_command(
     latents: Latents = None,
     context: Annotated[int | None, typer.Option(help="Use at most this much context (≤ the model's).")] = None,
     max_documents: Annotated[int | None, typer.Option(help="Score only the first N documents.")] = None,
+    max_document_tokens: Annotated[
+        int | None,
+        typer.Option(help="Score only each document's first N tokens (a quicker, still long-context check)."),
+    ] = None,
     device: Device = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 (default: evaluate in fp32) | bf16 | auto.")] = "fp32",
     quiet: Quiet = False,
@@ -238,6 +242,8 @@ def eval_command(
             documents.append(np.concatenate([[codec.bos_id], content]))
     if max_documents:
         documents = documents[:max_documents]
+    if max_document_tokens:
+        documents = [d[:max_document_tokens] for d in documents]
     with _progress(quiet) as progress:
         task = progress.add_task("eval", total=len(documents))
         result = evaluate_documents(
@@ -263,7 +269,91 @@ def eval_command(
             print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}", file=sys.stdout)
 
 
+@report_errors
+def report_command(
+    checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint name or directory.")],
+    eval_sets: Annotated[list[str], typer.Option("--eval", help="NAME=PREPARED_DIR (its val split); repeatable.")],
+    train_data: Annotated[
+        Path, typer.Option("--train-data", help="Prepared dir whose train split fits the baselines.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json, report.md and the plots.")],
+    max_documents: Annotated[int, typer.Option(help="Documents per eval set.")] = 16,
+    max_document_tokens: Annotated[int, typer.Option(help="First N tokens of each document (0 = all).")] = 8192,
+    latents: Annotated[
+        list[int] | None, typer.Option("--latents", help="Latent counts to sweep (repeatable).")
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Model-card numbers: held-out bits (fp32 and bf16) against baselines, and bits / speed vs --latents."""
+    from ..train.report import make_report, write_report
+
+    sets = {}
+    for item in eval_sets:
+        if "=" not in item:
+            raise UsageError(f"--eval {item!r}: expected NAME=PREPARED_DIR")
+        name, directory = item.split("=", 1)
+        sets[name] = Path(directory)
+    report = make_report(
+        checkpoint,
+        sets,
+        train_data,
+        max_documents=max_documents,
+        max_document_tokens=max_document_tokens or None,
+        latents=latents,
+        log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
+    )
+    write_report(report, out)
+    print((out / "report.md").read_text())
+
+
+@report_errors
+def export_command(
+    checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="Training checkpoint (e.g. runs/x/best).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoint directory to write (e.g. checkpoints/music-v1).")
+    ],
+    dtype: Annotated[str, typer.Option(help="Weights dtype: bf16 | fp16 | fp32.")] = "bf16",
+    data: Annotated[str | None, typer.Option(help="One-line description of the training data.")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="report.json whose first set becomes the held-out metric.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing checkpoint.")] = False,
+) -> None:
+    """Write a compact copy of a checkpoint for shipping (no optimizer state), with its card metadata."""
+    import torch
+
+    from ..checkpoint import load_checkpoint, save_checkpoint
+
+    weights = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype not in weights:
+        raise UsageError(f"--dtype {dtype!r}: choose from {', '.join(weights)}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists (use --force to overwrite)")
+    loaded = load_checkpoint(checkpoint)
+    training = {k: v for k, v in loaded.meta.get("training", {}).items()}
+    if data:
+        training["data"] = data
+    if report:
+        summary = json.loads(report.read_text())
+        unit = summary["unit"]
+        name, entry = next(iter(summary["sets"].items()))
+        training["heldout"] = {
+            "metric": f"bits/{unit}",
+            "value": round(entry["fp32"][f"bits_per_{unit}"], 4),
+            "set": name,
+        }
+    readme = out / "README.md"
+    card = readme.read_text() if readme.is_file() else None
+    save_checkpoint(out, loaded.model, loaded.codec, training, dtype=weights[dtype])
+    if card is not None:
+        readme.write_text(card)  # the model card is written by hand; keep it across re-exports
+    size = (out / "model.safetensors").stat().st_size / 2**20
+    print(f"{out}: {loaded.model.num_parameters():,} parameters, {size:.1f} MiB ({dtype})")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("report")(report_command)
+    app.command("export")(export_command)
     app.command("prepare")(prepare_command)
     app.command("train")(train_command)
     app.command("eval")(eval_command)

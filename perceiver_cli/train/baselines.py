@@ -274,6 +274,7 @@ class _Streams:
     documents: list[np.ndarray]
     train_split: str
     max_train_tokens: int | None
+    train_data: PreparedData | None = None  # where the fitted baselines learn (default: `prepared` itself)
     _train: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -283,7 +284,7 @@ class _Streams:
     @property
     def train(self) -> np.ndarray:
         if self._train is None:
-            stream = self.prepared.tokens(self.train_split)
+            stream = (self.train_data or self.prepared).tokens(self.train_split)
             if self.max_train_tokens is not None:
                 stream = stream[: self.max_train_tokens]
             self._train = np.asarray(stream, dtype=np.int64)
@@ -353,6 +354,9 @@ def baseline_table(
     train_split: str = "train",
     max_train_tokens: int | None = 10_000_000,
     max_documents: int | None = None,
+    *,
+    max_document_tokens: int | None = None,
+    train_data: PreparedData | None = None,
 ) -> dict[str, dict]:
     """name -> {"bits": total, "per_unit": {unit: bits per unit}, "about": ...} for the modality's baselines.
 
@@ -364,6 +368,8 @@ def baseline_table(
     if modality not in BASELINES:
         raise ValueError(f"no baselines for codec {modality!r} (known: {', '.join(BASELINES)})")
     documents = [np.asarray(d, dtype=np.int64) for d in prepared.documents(split)][:max_documents]
+    if max_document_tokens:  # as perceiver eval --max-document-tokens: each document's first tokens
+        documents = [d[:max_document_tokens] for d in documents]
     documents = [d for d in documents if len(d) >= 2]  # as perceiver eval: a document needs one target
     if not documents:
         raise ValueError(f"{prepared.directory}: split {split!r} has no documents to score")
@@ -371,7 +377,7 @@ def baseline_table(
     for document in documents:
         for unit, count in UNITS[modality](prepared.codec, document).items():
             units[unit] = units.get(unit, 0.0) + count
-    streams = _Streams(prepared, documents, train_split, max_train_tokens)
+    streams = _Streams(prepared, documents, train_split, max_train_tokens, train_data or prepared)
     table = {}
     for group in BASELINES[modality]:
         for name, (bits, about) in group(streams).items():

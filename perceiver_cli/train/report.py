@@ -1,0 +1,178 @@
+"""`perceiver report`: the numbers a model card needs, measured in one run and written as JSON + markdown + plots.
+
+For a checkpoint and one or more prepared evaluation sets it measures: held-out bits in fp32 and bf16 (the
+quality cost of bf16), the classic baselines on exactly the same documents (baselines.py), and the eval-time
+compute trade-off of Perceiver AR: bits and cached decode tokens/s at several latent counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..generate import generate
+from .baselines import baseline_table
+from .evaluate import evaluate_documents
+from .prepare import PreparedData
+
+PRIMARY_UNIT = {"music": "event", "image": "dim", "text": "byte"}
+
+
+def _documents(data: PreparedData, max_documents: int | None, max_document_tokens: int | None) -> list[np.ndarray]:
+    documents = [np.asarray(d, dtype=np.int64) for d in data.documents("val")][:max_documents]
+    if max_document_tokens:
+        documents = [d[:max_document_tokens] for d in documents]
+    return [d for d in documents if len(d) >= 2]
+
+
+def decode_speed(model, prompt: torch.Tensor, new_tokens: int, num_latents: int | None, dtype) -> float:
+    from ..device import autocast
+
+    generate(model, prompt[:, :8], 4, temperature=0, num_latents=num_latents)  # warm-up
+    start = time.perf_counter()
+    with autocast(torch.device("cpu"), dtype):
+        generate(
+            model,
+            prompt,
+            new_tokens,
+            temperature=1.0,
+            num_latents=num_latents,
+            generator=torch.Generator().manual_seed(0),
+        )
+    return new_tokens / (time.perf_counter() - start)
+
+
+def make_report(
+    checkpoint: str | Path,
+    eval_sets: dict[str, Path],
+    train_dir: Path,
+    *,
+    max_documents: int | None = 16,
+    max_document_tokens: int | None = 8192,
+    latents: list[int] | None = None,
+    decode_tokens: int = 256,
+    log: Callable[[str], None] = print,
+) -> dict:
+    loaded = load_checkpoint(checkpoint)
+    model, codec = loaded.model, loaded.codec
+    unit = PRIMARY_UNIT[codec.name]
+    train_data = PreparedData(train_dir)
+    report: dict = {
+        "checkpoint": str(loaded.path),
+        "unit": unit,
+        "max_documents": max_documents,
+        "max_document_tokens": max_document_tokens,
+        "sets": {},
+    }
+    for index, (name, directory) in enumerate(eval_sets.items()):
+        data = PreparedData(directory)
+        documents = _documents(data, max_documents, max_document_tokens)
+        log(f"{name}: {len(documents)} documents, {sum(len(d) for d in documents):,} tokens")
+        entry = {"directory": str(directory), "documents": len(documents)}
+        start = time.perf_counter()
+        entry["fp32"] = evaluate_documents(model, codec, documents).summary()
+        entry["eval_seconds"] = time.perf_counter() - start
+        log(f"  fp32 {entry['fp32']}")
+        if index == 0:
+            entry["bf16"] = evaluate_documents(model, codec, documents, dtype=torch.bfloat16).summary()
+            log(f"  bf16 bits/{unit} {entry['bf16'][f'bits_per_{unit}']:.4f}")
+        entry["baselines"] = baseline_table(
+            data,
+            max_documents=max_documents,
+            max_document_tokens=max_document_tokens,
+            train_data=train_data,
+            max_train_tokens=5_000_000,
+        )
+        for baseline, values in entry["baselines"].items():
+            log(f"  {baseline}: {values['per_unit']}")
+        best = min(entry["baselines"].items(), key=lambda item: item[1]["per_unit"][unit])
+        entry["best_baseline"] = {"name": best[0], f"bits_per_{unit}": best[1]["per_unit"][unit]}
+        entry["ratio_to_best_baseline"] = entry["fp32"][f"bits_per_{unit}"] / best[1]["per_unit"][unit]
+        report["sets"][name] = entry
+
+    first = next(iter(eval_sets.values()))
+    documents = _documents(PreparedData(first), max_documents, max_document_tokens)
+    n_default = model.config.num_latents
+    sweep = sorted({n for n in (latents or [64, 128, 256, n_default]) if n <= model.config.max_context})
+    prompt_source = max(documents, key=len)
+    prompt = torch.as_tensor(prompt_source[: min(len(prompt_source), model.config.max_context // 2)])[None]
+    report["latents"] = []
+    for n in sweep:
+        bits = evaluate_documents(model, codec, documents[: max(1, len(documents) // 2)], num_latents=n).summary()
+        rate = decode_speed(model, prompt, decode_tokens, n, torch.float32)
+        report["latents"].append(
+            {
+                "latents": n,
+                f"bits_per_{unit}": bits[f"bits_per_{unit}"],
+                "bits_per_token": bits["bits_per_token"],
+                "decode_tokens_per_s": rate,
+                "prompt_tokens": prompt.shape[1],
+            }
+        )
+        log(f"  latents {n}: bits/{unit} {bits[f'bits_per_{unit}']:.4f}, decode {rate:.1f} tok/s")
+    return report
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    from ..render import plot_xy
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    unit = report["unit"]
+    rows = report["latents"]
+    plot_xy(
+        {"bits": ([r["latents"] for r in rows], [r[f"bits_per_{unit}"] for r in rows])},
+        out_dir / "latents_bits.png",
+        xlabel="latents N at inference",
+        ylabel=f"held-out bits/{unit}",
+        title="quality vs eval-time compute",
+        logx=True,
+    )
+    plot_xy(
+        {"decode": ([r["latents"] for r in rows], [r["decode_tokens_per_s"] for r in rows])},
+        out_dir / "latents_speed.png",
+        xlabel="latents N at inference",
+        ylabel="cached decode tokens/s (fp32)",
+        title="speed vs eval-time compute",
+        logx=True,
+    )
+    (out_dir / "report.md").write_text(report_markdown(report))
+
+
+def report_markdown(report: dict) -> str:
+    unit = report["unit"]
+    lines = []
+    for name, entry in report["sets"].items():
+        model = entry["fp32"]
+        lines += [
+            f"**{name}** ({entry['documents']} documents, first {report['max_document_tokens']} tokens each)",
+            "",
+            f"| model | bits/{unit} | " + ("bits/second |" if unit == "event" else ""),
+            "|---|---:|" + ("---:|" if unit == "event" else ""),
+        ]
+        extra = f" {model['bits_per_second']:.1f} |" if unit == "event" else ""
+        lines.append(f"| Perceiver AR (fp32) | **{model[f'bits_per_{unit}']:.3f}** |{extra}")
+        if "bf16" in entry:
+            extra = f" {entry['bf16']['bits_per_second']:.1f} |" if unit == "event" else ""
+            lines.append(f"| Perceiver AR (bf16 autocast) | {entry['bf16'][f'bits_per_{unit}']:.3f} |{extra}")
+        for baseline, values in sorted(entry["baselines"].items(), key=lambda item: item[1]["per_unit"][unit]):
+            extra = f" {values['per_unit']['second']:.1f} |" if unit == "event" else ""
+            lines.append(f"| {baseline} | {values['per_unit'][unit]:.3f} |{extra}")
+        lines += [
+            "",
+            f"Ratio to the best baseline ({entry['best_baseline']['name']}): "
+            f"**{entry['ratio_to_best_baseline']:.3f}**",
+            "",
+        ]
+    lines += [f"| latents N | bits/{unit} | cached decode tokens/s (fp32, batch 1) |", "|---:|---:|---:|"]
+    lines += [
+        f"| {r['latents']} | {r[f'bits_per_{unit}']:.3f} | {r['decode_tokens_per_s']:.1f} |"
+        for r in report["latents"]
+    ]
+    return "\n".join(lines) + "\n"
