@@ -34,10 +34,19 @@ def music() -> None:
     for seed in (1, 2, 3):
         path = out / f"piece_seed{seed}.mid"
         start = time.perf_counter()
-        summary = runner.generate_file(loaded, runner.MusicRequest(seconds=60), runner.GenerateOptions(seed=seed),
-                                       path, force=True)
-        records.append({"file": path.name, "seed": seed, "seconds_of_music": 60, "wall_s": time.perf_counter() - start,
-                        "tokens": summary.tokens, "settings": summary.settings})
+        summary = runner.generate_file(
+            loaded, runner.MusicRequest(seconds=60), runner.GenerateOptions(seed=seed), path, force=True
+        )
+        records.append(
+            {
+                "file": path.name,
+                "seed": seed,
+                "seconds_of_music": 60,
+                "wall_s": time.perf_counter() - start,
+                "tokens": summary.tokens,
+                "settings": summary.settings,
+            }
+        )
     with open(SHARED / "midi" / "maestro" / "maestro-v3.0.0.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["split"] == "validation"]
     available = [r for r in rows if (SHARED / "midi" / "maestro" / r["midi_filename"]).is_file()]
@@ -46,9 +55,15 @@ def music() -> None:
         path = out / f"continuation_{index + 1}.mid"
         request = runner.MusicRequest(seconds=40, prompt=prompt, prompt_seconds=20)
         summary = runner.generate_file(loaded, request, runner.GenerateOptions(seed=index), path, force=True)
-        records.append({"file": path.name, "seed": index, "prompt": f"{row['canonical_composer']}: "
-                        f"{row['canonical_title']} (MAESTRO validation, first 20 s)", "tokens": summary.tokens,
-                        "settings": summary.settings})
+        records.append(
+            {
+                "file": path.name,
+                "seed": index,
+                "prompt": f"{row['canonical_composer']}: {row['canonical_title']} (MAESTRO validation, first 20 s)",
+                "tokens": summary.tokens,
+                "settings": summary.settings,
+            }
+        )
     (out / "index.json").write_text(json.dumps(records, indent=1) + "\n")
 
 
@@ -56,8 +71,14 @@ def image() -> None:
     out = HERE / "image"
     out.mkdir(exist_ok=True)
     loaded = runner.load(None, "image")
-    summary = runner.sample_batch(loaded, runner.ImageRequest(), runner.GenerateOptions(seed=0, batch_size=4), 16,
-                                  out / "unconditional", force=True)
+    summary = runner.sample_batch(
+        loaded,
+        runner.ImageRequest(),
+        runner.GenerateOptions(seed=0, batch_size=4),
+        16,
+        out / "unconditional",
+        force=True,
+    )
     manifest = json.loads((PREPARED / "image" / "manifest.json").read_text())
     val = [f["file"] for f in manifest["files"] if f["split"] == "val"]
     roots = {Path(p).name: Path(p) for p in manifest["inputs"]}
@@ -72,15 +93,20 @@ def image() -> None:
         tiles.append(Image.fromarray(kept))
         labels.append("kept half")
         for seed in range(4):
-            generation = runner.generate_image(loaded, runner.ImageRequest(prompt=photo, keep_fraction=0.5),
-                                               runner.GenerateOptions(seed=1000 * index + seed))
+            generation = runner.generate_image(
+                loaded,
+                runner.ImageRequest(prompt=photo, keep_fraction=0.5),
+                runner.GenerateOptions(seed=1000 * index + seed),
+            )
             tiles.append(generation.samples[0].image)
             labels.append(f"seed {1000 * index + seed}")
         tiles.append(original)
         labels.append("original")
         records.append({"photo": name, "keep": 0.5, "seeds": [1000 * index + s for s in range(4)]})
     image_grid(tiles, out / "completions.png", columns=6, scale=4, labels=labels)
-    (out / "completions.json").write_text(json.dumps({"rows": records, "settings": summary.settings}, indent=1) + "\n")
+    (out / "completions.json").write_text(
+        json.dumps({"rows": records, "settings": summary.settings}, indent=1) + "\n"
+    )
 
 
 def text() -> None:
@@ -103,9 +129,16 @@ def text() -> None:
         prompt_file.write_text(prompt)
         for seed in (1, 2):
             path = out / f"continuation_{index + 1}_seed{seed}.txt"
-            runner.generate_file(loaded, runner.TextRequest(tokens=500, prompt_file=prompt_file),
-                                 runner.GenerateOptions(seed=seed, top_p=0.95), path, force=True)
-            records.append({"book": name, "prompt": prompt_file.name, "file": path.name, "seed": seed, "top_p": 0.95})
+            runner.generate_file(
+                loaded,
+                runner.TextRequest(tokens=500, prompt_file=prompt_file),
+                runner.GenerateOptions(seed=seed, top_p=0.95),
+                path,
+                force=True,
+            )
+            records.append(
+                {"book": name, "prompt": prompt_file.name, "file": path.name, "seed": seed, "top_p": 0.95}
+            )
     (out / "index.json").write_text(json.dumps(records, indent=1) + "\n")
 
 

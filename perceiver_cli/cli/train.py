@@ -282,6 +282,10 @@ def report_command(
     latents: Annotated[
         list[int] | None, typer.Option("--latents", help="Latent counts to sweep (repeatable).")
     ] = None,
+    contexts: Annotated[
+        list[int] | None,
+        typer.Option("--context", help="Context lengths for the long-context effect (repeatable)."),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Model-card numbers: held-out bits (fp32 and bf16) against baselines, and bits / speed vs --latents."""
@@ -300,6 +304,7 @@ def report_command(
         max_documents=max_documents,
         max_document_tokens=max_document_tokens or None,
         latents=latents,
+        contexts=contexts,
         log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
     )
     write_report(report, out)

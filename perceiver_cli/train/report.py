@@ -57,6 +57,7 @@ def make_report(
     max_document_tokens: int | None = 8192,
     latents: list[int] | None = None,
     decode_tokens: int = 256,
+    contexts: list[int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     loaded = load_checkpoint(checkpoint)
@@ -116,7 +117,37 @@ def make_report(
             }
         )
         log(f"  latents {n}: bits/{unit} {bits[f'bits_per_{unit}']:.4f}, decode {rate:.1f} tok/s")
+    if contexts:
+        report["contexts"] = context_effect(model, codec, documents, contexts, log)
     return report
+
+
+def context_effect(model, codec, documents, contexts: list[int], log, latents: int = 128) -> list[dict]:
+    """The long-context effect: bits on the later part of long documents (positions >= max(contexts)) when the
+    model may see only the last C tokens, for each C. Same documents, same scored positions, same latents."""
+    from .evaluate import UNITS, score_document
+
+    later = max(contexts)
+    long_documents = [d for d in documents if len(d) > later + 256]
+    rows = []
+    for context in sorted(contexts):
+        bits, units = 0.0, {}
+        for document in long_documents:
+            scored = score_document(model, document, num_latents=min(latents, context), max_context=context)
+            bits += float(scored[later - 1 :].sum())  # targets at positions >= `later`
+            for unit, count in UNITS[codec.name](codec, document[later:]).items():
+                units[unit] = units.get(unit, 0.0) + count
+        unit = PRIMARY_UNIT[codec.name]
+        rows.append(
+            {
+                "context": context,
+                "documents": len(long_documents),
+                "from_position": later,
+                f"bits_per_{unit}": bits / units[unit] if units.get(unit) else None,
+            }
+        )
+        log(f"  context {context}: bits/{unit} {rows[-1][f'bits_per_{unit}']}")
+    return rows
 
 
 def write_report(report: dict, out_dir: Path) -> None:
@@ -142,6 +173,16 @@ def write_report(report: dict, out_dir: Path) -> None:
         title="speed vs eval-time compute",
         logx=True,
     )
+    if report.get("contexts"):
+        rows = report["contexts"]
+        plot_xy(
+            {"bits": ([r["context"] for r in rows], [r[f"bits_per_{unit}"] for r in rows])},
+            out_dir / "context_bits.png",
+            xlabel="context tokens the model may see",
+            logx=True,
+            ylabel=f"bits/{unit} on positions >= {rows[0]['from_position']}",
+            title="the long-context effect",
+        )
     (out_dir / "report.md").write_text(report_markdown(report))
 
 

@@ -27,8 +27,9 @@ def midi_dir(tmp_path_factory):
         pm = pretty_midi.PrettyMIDI()
         piano = pretty_midi.Instrument(program=0)
         for j in range(80):
-            piano.notes.append(pretty_midi.Note(velocity=70 + i, pitch=50 + (j * (i + 1)) % 24, start=j * 0.12,
-                                                end=j * 0.12 + 0.1))
+            piano.notes.append(
+                pretty_midi.Note(velocity=70 + i, pitch=50 + (j * (i + 1)) % 24, start=j * 0.12, end=j * 0.12 + 0.1)
+            )
         pm.instruments.append(piano)
         pm.write(str(root / f"p{i}.mid"))
     return root
@@ -36,37 +37,112 @@ def midi_dir(tmp_path_factory):
 
 def test_prepare_train_eval_report_export(app, midi_dir, tmp_path):
     data = tmp_path / "data"
-    result = runner.invoke(app, ["prepare", "music", "--input", str(midi_dir), "--out", str(data),
-                                 "--val-fraction", "0.3", "--quiet", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            "music",
+            "--input",
+            str(midi_dir),
+            "--out",
+            str(data),
+            "--val-fraction",
+            "0.3",
+            "--quiet",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["files"]["val"] >= 1
 
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--config", "tiny", "--context", "64",
-                                 "--latents", "16", "--steps", "12", "--eval-every", "6", "--save-every", "6",
-                                 "--device", "cpu", "--dtype", "fp32", "--quiet", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--config",
+            "tiny",
+            "--context",
+            "64",
+            "--latents",
+            "16",
+            "--steps",
+            "12",
+            "--eval-every",
+            "6",
+            "--save-every",
+            "6",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--quiet",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["step"] == 12 and summary["val_loss"] is not None
 
-    result = runner.invoke(app, ["eval", "--checkpoint", str(run / "best"), "--data", str(data), "--quiet", "--json"])
+    result = runner.invoke(
+        app, ["eval", "--checkpoint", str(run / "best"), "--data", str(data), "--quiet", "--json"]
+    )
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
     assert 0 < scores["bits_per_event"] < 20 and scores["bits_per_second"] > 0
 
     report_dir = tmp_path / "report"
-    result = runner.invoke(app, ["report", "--checkpoint", str(run / "best"), "--eval", f"val={data}",
-                                 "--train-data", str(data), "--out", str(report_dir), "--latents", "4",
-                                 "--latents", "16", "--max-documents", "2", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "report",
+            "--checkpoint",
+            str(run / "best"),
+            "--eval",
+            f"val={data}",
+            "--train-data",
+            str(data),
+            "--out",
+            str(report_dir),
+            "--latents",
+            "4",
+            "--latents",
+            "16",
+            "--max-documents",
+            "2",
+            "--context",
+            "16",
+            "--context",
+            "32",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((report_dir / "report.json").read_text())
     assert {"gzip-9", "bigram", "5-gram"} <= set(report["sets"]["val"]["baselines"])
     assert [row["latents"] for row in report["latents"]] == [4, 16]
     assert (report_dir / "latents_bits.png").stat().st_size > 0
+    assert [row["context"] for row in report["contexts"]] == [16, 32]
 
     shipped = tmp_path / "shipped" / "mine-v1"
-    result = runner.invoke(app, ["export", "--checkpoint", str(run / "best"), "--out", str(shipped),
-                                 "--report", str(report_dir / "report.json"), "--data", "test scales"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--checkpoint",
+            str(run / "best"),
+            "--out",
+            str(shipped),
+            "--report",
+            str(report_dir / "report.json"),
+            "--data",
+            "test scales",
+        ],
+    )
     assert result.exit_code == 0, result.output
     checkpoint = load_checkpoint(shipped)
     assert checkpoint.meta["weights_dtype"] == "bfloat16"
@@ -82,5 +158,7 @@ def test_bad_data_directory_is_one_line(app, tmp_path):
 
 
 def test_unknown_preset_is_one_line(app, tmp_path):
-    result = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config", "huge"])
+    result = runner.invoke(
+        app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config", "huge"]
+    )
     assert result.exit_code == 2 and "unknown config preset" in result.output
