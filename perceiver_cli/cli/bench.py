@@ -22,11 +22,28 @@ def bench_command(
     threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="Skip the 16k rows (a smoke run).")] = False,
     markdown: Annotated[Path | None, typer.Option(help="Also write the table (markdown) to this file.")] = None,
+    efficiency: Annotated[
+        bool, typer.Option("--efficiency", help="Measure against this machine's GEMM peak and memory bandwidth.")
+    ] = False,
     quiet: Quiet = False,
     json_output: Json = False,
 ) -> None:
     """Prefill, cached/uncached decode and training step, each case in its own process (peak RSS per case)."""
     from ..bench.core import HEADER, core_cases, machine_line, markdown_table, run_isolated, summarise
+
+    if efficiency:
+        from ..bench.efficiency import run
+
+        results = run(
+            context=4096 if quick else 16384,
+            threads=threads,
+            log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
+        )
+        results["machine"] = machine_line()
+        print(json.dumps(results, indent=None if json_output else 1))
+        if markdown:
+            markdown.write_text(json.dumps(results, indent=1) + "\n")
+        return
 
     results = []
     for case in core_cases(dtype, threads, quick):
