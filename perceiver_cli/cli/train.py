@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -158,6 +159,8 @@ def train_command(
         dtype=dtype,
     )
     train_config = load_train_config(config, overrides)
+    primary = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    quiet = quiet or not primary
     columns = (
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("val {task.fields[val]}"),
@@ -175,6 +178,8 @@ def train_command(
             progress.update(task, **fields)
 
         result = train(data, out, train_config, resume=resume, on_progress=update, max_minutes=max_minutes)
+    if not primary:
+        return
     summary = {
         "run_dir": str(result.run_dir),
         "step": result.step,

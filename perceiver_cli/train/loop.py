@@ -369,6 +369,10 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if world > 1:  # log the mean loss over ranks, not rank 0's own
+                mean_loss = torch.tensor([step_loss], device=device)
+                dist.all_reduce(mean_loss)
+                step_loss = mean_loss.item() / world
             step += 1
             window_losses.append(step_loss)
             elapsed = time.perf_counter() - started
