@@ -25,12 +25,32 @@ def bench_command(
     efficiency: Annotated[
         bool, typer.Option("--efficiency", help="Measure against this machine's GEMM peak and memory bandwidth.")
     ] = False,
+    copy_task: Annotated[
+        bool, typer.Option("--copy-task", help="Train on the paper's copy task; report accuracy.")
+    ] = False,
+    length: Annotated[
+        int, typer.Option(help="Copy task: sequence length L (L/2 random tokens, then a copy).")
+    ] = 4096,
+    minutes: Annotated[float, typer.Option(help="Copy task: training time budget in minutes.")] = 30.0,
     quiet: Quiet = False,
     json_output: Json = False,
 ) -> None:
     """Prefill, cached/uncached decode and training step, each case in its own process (peak RSS per case)."""
     from ..bench.core import HEADER, core_cases, machine_line, markdown_table, run_isolated, summarise
 
+    if copy_task:
+        from ..bench.copy_task import run_copy_task
+
+        result = run_copy_task(
+            length,
+            max_minutes=minutes,
+            log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
+        )
+        result["machine"] = machine_line()
+        print(json.dumps(result, indent=None if json_output else 1))
+        if markdown:
+            markdown.write_text(json.dumps(result, indent=1) + "\n")
+        return
     if efficiency:
         from ..bench.efficiency import run
 
