@@ -32,12 +32,39 @@ def bench_command(
         int, typer.Option(help="Copy task: sequence length L (L/2 random tokens, then a copy).")
     ] = 4096,
     minutes: Annotated[float, typer.Option(help="Copy task: training time budget in minutes.")] = 30.0,
+    codecs: Annotated[bool, typer.Option("--codecs", help="Codec encoding speed (music, image, text).")] = False,
+    midi_dir: Annotated[Path, typer.Option(help="--codecs: where to find a ~5-minute MIDI.")] = Path(
+        "../shared/data/midi/maestro"
+    ),
+    text_file: Annotated[Path, typer.Option(help="--codecs: a long book (its first 1 MB is encoded).")] = Path(
+        "../shared/data/text/rcdm-uga_Gutenberg_Text/twain_adventures-of-huckleberry-finn-complete.txt.xz"
+    ),
     quiet: Quiet = False,
     json_output: Json = False,
 ) -> None:
     """Prefill, cached/uncached decode and training step, each case in its own process (peak RSS per case)."""
     from ..bench.core import HEADER, core_cases, machine_line, markdown_table, run_isolated, summarise
 
+    if codecs:
+        from ..bench.codecs import run as run_codecs
+        from .codec import DEFAULT_TOKENIZER
+
+        rows = run_codecs(midi_dir, DEFAULT_TOKENIZER, text_file if text_file.is_file() else None)
+        if json_output:
+            print(json.dumps(rows))
+        else:
+            table = Table(title=f"codec encoding speed on {machine_line()}")
+            for name in ("codec", "input", "seconds", "target"):
+                table.add_column(name)
+            for row in rows:
+                table.add_row(
+                    row["codec"],
+                    row["input"],
+                    f"{row['seconds'] * 1000:.1f} ms",
+                    f"< {row['target_s'] * 1000:.0f} ms",
+                )
+            Console().print(table)
+        return
     if copy_task:
         from ..bench.copy_task import run_copy_task
 
