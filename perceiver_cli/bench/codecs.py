@@ -63,7 +63,9 @@ def run(midi_dir: Path, tokenizer: Path, text_source: Path | None = None) -> lis
         prose = read_text(text_source)
     else:
         prose = "It was the best of times, it was the worst of times. " * 20_000
-    prose = prose[: 1 << 20]
+    while len(prose.encode()) < 1 << 20:  # a shorter book is repeated up to 1 MB
+        prose += "\n\n" + prose
+    prose = prose.encode()[: 1 << 20].decode("utf-8", errors="ignore")
     rows.append(
         {
             "codec": "text",
