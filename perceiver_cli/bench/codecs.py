@@ -39,7 +39,7 @@ def run(midi_dir: Path, tokenizer: Path, text_source: Path | None = None) -> lis
                 {
                     "codec": "music",
                     "input": f"{path.name} ({seconds:.0f} s, {tokens:,} tokens)",
-                    "seconds": _best(lambda: music.encode(data)),
+                    "seconds": _best(lambda data=data: music.encode(data)),
                     "target_s": 0.2,
                 }
             )
