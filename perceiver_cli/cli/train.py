@@ -231,7 +231,13 @@ def eval_command(
         raise UsageError("--data is required: a prepared data directory or files")
     target = resolve_device(device)
     compute = resolve_dtype(dtype, target)
-    loaded = load_checkpoint(checkpoint or "music-v1", device=target)
+    if checkpoint is None:  # the shipped checkpoint of the data's modality
+        from ..checkpoint import DEFAULT_CHECKPOINTS
+
+        first = data[0]
+        modality = PreparedData(first).codec.name if (first / "manifest.json").is_file() else _modality_of_file(first)
+        checkpoint = DEFAULT_CHECKPOINTS[modality]
+    loaded = load_checkpoint(checkpoint, device=target)
     codec = loaded.codec
     if len(data) == 1 and data[0].is_dir() and (data[0] / "manifest.json").is_file():
         prepared = PreparedData(data[0])
@@ -359,6 +365,15 @@ def export_command(
         readme.write_text(card)  # the model card is written by hand; keep it across re-exports
     size = (out / "model.safetensors").stat().st_size / 2**20
     print(f"{out}: {loaded.model.num_parameters():,} parameters, {size:.1f} MiB ({dtype})")
+
+
+def _modality_of_file(path: Path) -> str:
+    from ..train.prepare import EXTENSIONS
+
+    for modality, suffixes in EXTENSIONS.items():
+        if path.name.lower().endswith(suffixes):
+            return modality
+    raise UsageError(f"{path}: cannot tell its modality from the name; pass --checkpoint")
 
 
 def register(app: typer.Typer) -> None:
