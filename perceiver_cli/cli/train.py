@@ -235,7 +235,9 @@ def eval_command(
         from ..checkpoint import DEFAULT_CHECKPOINTS
 
         first = data[0]
-        modality = PreparedData(first).codec.name if (first / "manifest.json").is_file() else _modality_of_file(first)
+        modality = (
+            PreparedData(first).codec.name if (first / "manifest.json").is_file() else _modality_of_file(first)
+        )
         checkpoint = DEFAULT_CHECKPOINTS[modality]
     loaded = load_checkpoint(checkpoint, device=target)
     codec = loaded.codec

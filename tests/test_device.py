@@ -1,0 +1,34 @@
+"""Device and dtype choice: auto means bf16 only where it is fast."""
+
+import pytest
+import torch
+
+from perceiver_cli import device
+
+
+def test_explicit_dtypes():
+    cpu = torch.device("cpu")
+    assert device.resolve_dtype("fp32", cpu) == torch.float32
+    assert device.resolve_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_auto_follows_the_cpu_flags(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert device.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert device.resolve_dtype("auto", cpu, purpose="decode") == torch.float32  # matvec-bound: fp32 is faster
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert device.resolve_dtype("auto", cpu) == torch.float32
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        device.resolve_dtype("fp8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        device.resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        device.resolve_device("cuda")
