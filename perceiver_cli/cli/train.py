@@ -360,11 +360,20 @@ def export_command(
             "value": round(entry["fp32"][f"bits_per_{unit}"], 4),
             "set": name,
         }
-    readme = out / "README.md"
-    card = readme.read_text() if readme.is_file() else None
-    save_checkpoint(out, loaded.model, loaded.codec, training, dtype=weights[dtype])
-    if card is not None:
-        readme.write_text(card)  # the model card is written by hand; keep it across re-exports
+    import shutil
+    import tempfile
+
+    # the hand-written model card and its report folder survive a re-export
+    keep = Path(tempfile.mkdtemp(prefix=".export.", dir=out.parent if out.parent.exists() else None))
+    kept = [name for name in ("README.md", "report") if (out / name).exists()]
+    for name in kept:
+        shutil.move(str(out / name), str(keep / name))
+    try:
+        save_checkpoint(out, loaded.model, loaded.codec, training, dtype=weights[dtype])
+    finally:
+        for name in kept:
+            shutil.move(str(keep / name), str(out / name))
+        shutil.rmtree(keep, ignore_errors=True)
     size = (out / "model.safetensors").stat().st_size / 2**20
     print(f"{out}: {loaded.model.num_parameters():,} parameters, {size:.1f} MiB ({dtype})")
 
