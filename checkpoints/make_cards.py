@@ -147,8 +147,8 @@ def card(name: str) -> str:
         "- Hardware: this project's 2-core CPU (Intel Xeon with AVX512-BF16/AMX), bf16 autocast, one thread, "
         "sharing the machine with the two other shipped trainings; wall time "
         + (f"≈ {minutes:.0f} minutes." if minutes else "not recorded."),
-        f"- Final training loss {training.get('train_loss'):.4f} nats/token; validation loss (quick in-training "
-        f"check) {training.get('val_loss'):.4f} nats/token.",
+        f"- Validation loss at this step (the in-training check on fixed validation windows): "
+        f"{training.get('val_loss'):.4f} nats/token.",
         "",
         "Reproduce:",
         "",

@@ -351,6 +351,11 @@ def export_command(
     training = {k: v for k, v in loaded.meta.get("training", {}).items()}
     if data:
         training["data"] = data
+    settings = training.get("train_config") or {}
+    if "tokens_seen" not in training and settings and "step" in training:  # runs that saved a shorter record
+        per_step = settings.get("batch_size", 0) * settings.get("grad_accum", 1) * training.get("world_size", 1)
+        training["tokens_seen"] = training["step"] * per_step * loaded.model.config.max_context
+        training["targets_seen"] = training["step"] * per_step * loaded.model.config.num_latents
     if report:
         summary = json.loads(report.read_text())
         unit = summary["unit"]

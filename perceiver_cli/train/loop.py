@@ -314,10 +314,8 @@ def train(
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    def save(step: int, train_loss: float | None, val_loss: float | None) -> None:
-        if rank != 0:
-            return
-        meta = {
+    def run_meta(step: int, train_loss: float | None, val_loss: float | None) -> dict:
+        return {
             "step": step,
             "tokens_seen": step * config.batch_size * config.grad_accum * world * context,
             "targets_seen": step * config.batch_size * config.grad_accum * world * model.config.num_latents,
@@ -329,6 +327,11 @@ def train(
             "dtype": str(dtype).replace("torch.", ""),
             "device": device.type,
         }
+
+    def save(step: int, train_loss: float | None, val_loss: float | None) -> None:
+        if rank != 0:
+            return
+        meta = run_meta(step, train_loss, val_loss)
         tmp_opt = run_dir / f".{OPTIMIZER_FILE}.tmp"
         save_file(optimizer_tensors(optimizer), str(tmp_opt))
         tmp_trainer = run_dir / f".{TRAINER_FILE}.tmp"
@@ -393,17 +396,7 @@ def train(
                 if best_val is None or val_loss < best_val:
                     best_val = val_loss
                     if rank == 0:
-                        save_checkpoint(
-                            run_dir / "best",
-                            model,
-                            data.codec,
-                            {
-                                "step": step,
-                                "val_loss": val_loss,
-                                "data": data.manifest.get("inputs"),
-                                "train_config": config.to_dict(),
-                            },
-                        )
+                        save_checkpoint(run_dir / "best", model, data.codec, run_meta(step, train_loss, val_loss))
             if record and rank == 0:
                 history.append(record)
                 with open(metrics_path, "a") as handle:
