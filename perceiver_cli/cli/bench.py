@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import report_errors
+from .errors import UsageError, report_errors
 from .options import Json, Quiet
 
 stderr = Console(stderr=True)
@@ -39,12 +39,41 @@ def bench_command(
     text_file: Annotated[Path, typer.Option(help="--codecs: a long book (its first 1 MB is encoded).")] = Path(
         "../shared/data/text/rcdm-uga_Gutenberg_Text/twain_adventures-of-huckleberry-finn-complete.txt.xz"
     ),
+    generate: Annotated[
+        bool, typer.Option("--generate", help="Wall time of generate music/image (shipped models).")
+    ] = False,
+    photo: Annotated[Path | None, typer.Option(help="--generate: the photo to complete.")] = None,
+    train_speed: Annotated[bool, typer.Option("--train-speed", help="Training targets/s of a preset.")] = False,
+    preset: Annotated[str, typer.Option(help="--train-speed: the preset.")] = "small",
+    data: Annotated[Path | None, typer.Option(help="--train-speed: prepared data.")] = None,
     quiet: Quiet = False,
     json_output: Json = False,
 ) -> None:
     """Prefill, cached/uncached decode and training step, each case in its own process (peak RSS per case)."""
     from ..bench.core import HEADER, core_cases, machine_line, markdown_table, run_isolated, summarise
 
+    if generate:
+        from ..bench.usage import generate_times
+
+        if photo is None:
+            raise UsageError("--generate needs --photo PATH (a photo to complete)")
+        rows = generate_times(photo)
+        print(
+            json.dumps(rows)
+            if json_output
+            else "\n".join(
+                f"{r['command']:<50} seed {r['seed']}: {r['wall_s']:6.1f} s (target < {r['target_s']} s)"
+                for r in rows
+            )
+        )
+        return
+    if train_speed:
+        from ..bench.usage import train_speed as measure
+
+        if data is None:
+            raise UsageError("--train-speed needs --data PREPARED_DIR")
+        print(json.dumps(measure(data, preset)))
+        return
     if codecs:
         from ..bench.codecs import run as run_codecs
         from .codec import DEFAULT_TOKENIZER
