@@ -82,7 +82,8 @@ def image() -> None:
     manifest = json.loads((PREPARED / "image" / "manifest.json").read_text())
     val = [f["file"] for f in manifest["files"] if f["split"] == "val"]
     roots = {Path(p).name: Path(p) for p in manifest["inputs"]}
-    chosen = [v for v in val if not v.startswith("cifar")][:: max(1, len(val) // 4)][:4]
+    larger = [v for v in val if "cifar10" not in v]  # 32x32 CIFAR originals say little about completion
+    chosen = larger[:: max(1, len(larger) // 4)][:4]
     tiles, labels, records = [], [], []
     for index, name in enumerate(chosen):
         root, rest = name.split("/", 1)
@@ -92,17 +93,16 @@ def image() -> None:
         kept[loaded.codec.height // 2 :] = 128
         tiles.append(Image.fromarray(kept))
         labels.append("kept half")
-        for seed in range(4):
-            generation = runner.generate_image(
-                loaded,
-                runner.ImageRequest(prompt=photo, keep_fraction=0.5),
-                runner.GenerateOptions(seed=1000 * index + seed),
-            )
-            tiles.append(generation.samples[0].image)
-            labels.append(f"seed {1000 * index + seed}")
+        # four completions in one batched run; the batch's generator is seeded with `seed`
+        seed = 1000 * index
+        request = runner.ImageRequest(prompt=photo, keep_fraction=0.5)
+        generation = runner.generate_image(loaded, request, runner.GenerateOptions(seed=seed, batch_size=4))
+        for position, sample in enumerate(generation.samples):
+            tiles.append(sample.image)
+            labels.append(f"seed {seed} #{position}")
         tiles.append(original)
         labels.append("original")
-        records.append({"photo": name, "keep": 0.5, "seeds": [1000 * index + s for s in range(4)]})
+        records.append({"photo": name, "keep": 0.5, "batch_seed": seed, "batch_size": 4})
     image_grid(tiles, out / "completions.png", columns=6, scale=4, labels=labels)
     (out / "completions.json").write_text(
         json.dumps({"rows": records, "settings": summary.settings}, indent=1) + "\n"
@@ -129,15 +129,18 @@ def text() -> None:
         prompt_file.write_text(prompt)
         for seed in (1, 2):
             path = out / f"continuation_{index + 1}_seed{seed}.txt"
-            runner.generate_file(
-                loaded,
-                runner.TextRequest(tokens=500, prompt_file=prompt_file),
-                runner.GenerateOptions(seed=seed, top_p=0.95),
-                path,
-                force=True,
-            )
+            request = runner.TextRequest(tokens=500, prompt_file=prompt_file)
+            generation = runner.generate_text(loaded, request, runner.GenerateOptions(seed=seed, top_p=0.95))
+            path.write_text(generation.samples[0].continuation)  # the prompt is prompt_N.txt beside it
             records.append(
-                {"book": name, "prompt": prompt_file.name, "file": path.name, "seed": seed, "top_p": 0.95}
+                {
+                    "book": name,
+                    "prompt": prompt_file.name,
+                    "file": path.name,
+                    "seed": seed,
+                    "top_p": 0.95,
+                    "tokens": 500,
+                }
             )
     (out / "index.json").write_text(json.dumps(records, indent=1) + "\n")
 
