@@ -266,8 +266,13 @@ def generate_stream(
     num_latents: int | None = None,
     refill_latents: int | None = None,
     use_cache: bool = True,
+    logits_processor: Callable[[Tensor], Tensor] | None = None,
 ) -> Iterator[Step]:
-    """Yield one Step per new token; stop consuming to stop generating (e.g. at a duration in seconds)."""
+    """Yield one Step per new token; stop consuming to stop generating (e.g. at a duration in seconds).
+
+    `logits_processor` (B, V) -> (B, V) runs before sampling (e.g. music.PerformanceGuard); Step.logits stay the
+    model's own.
+    """
     if prompt.dim() != 2:
         raise ValueError(f"prompt must be (batch, length), got shape {tuple(prompt.shape)}")
     c = model.config
@@ -292,7 +297,8 @@ def generate_stream(
             logits = state.latent_pass(window) if window.refill else state.step(window)
         else:
             logits = window_logits(model, tokens, window)
-        new_tokens = sample_next(logits, options, generator)
+        filtered = logits if logits_processor is None else logits_processor(logits)
+        new_tokens = sample_next(filtered, options, generator)
         if use_cache:
             if produced + 1 < max_new_tokens:
                 state.append_inputs(new_tokens[:, None])

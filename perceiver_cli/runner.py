@@ -30,7 +30,7 @@ import torch
 from .checkpoint import DEFAULT_CHECKPOINTS, CheckpointError, list_checkpoints, load_checkpoint, read_meta
 from .checkpoint import resolve_checkpoint as _resolve_checkpoint
 from .codecs import Codec, CodecError
-from .codecs.music import cut_midi, duration_seconds, load_midi
+from .codecs.music import PerformanceGuard, cut_midi, duration_seconds, load_midi
 from .codecs.text import read_text
 from .device import autocast, resolve_device, resolve_dtype
 from .generate import SamplingOptions, generate_stream
@@ -153,6 +153,8 @@ class MusicRequest:
     prompt_from: str = "first"
     audio: bool = True
     plot: bool = True
+    max_note: float = 6.0  # seconds a note may ring before its NOTE_OFF is forced (0: no limit)
+    max_silence: float = 2.0  # seconds of silence before the next event must start a note (0: no limit)
 
     def __post_init__(self) -> None:
         if not 0 < self.seconds <= 3600:
@@ -161,6 +163,8 @@ class MusicRequest:
             raise ValueError("prompt_seconds needs a prompt MIDI file")
         if self.prompt_from not in ("first", "last"):
             raise ValueError(f"prompt_from={self.prompt_from!r} is not one of first, last")
+        if self.max_note < 0 or self.max_silence < 0:
+            raise ValueError(f"max_note={self.max_note} and max_silence={self.max_silence} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,7 @@ class _Plan:
     measure: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: every token counts 1
     notices: list[str] = field(default_factory=list)
     prompt_seconds: float = 0.0
+    guard: Callable[[int], Any] | None = None  # batch size -> a logits processor with .observe (music)
 
 
 def _fit_context(tokens: np.ndarray, max_context: int, what: str, notices: list[str]) -> np.ndarray:
@@ -344,6 +349,9 @@ def _sample_rows(
     amount = torch.zeros(batch, dtype=torch.long)
     finished_at = torch.full((batch,), -1, dtype=torch.long)
     produced: list[torch.Tensor] = []
+    guard = plan.guard(batch) if plan.guard is not None else None
+    if guard is not None:
+        guard.observe_prompt(np.asarray(plan.model_prompt)[None].repeat(batch, 0))
     start = time.perf_counter()
 
     def rows() -> list[np.ndarray]:
@@ -360,10 +368,13 @@ def _sample_rows(
                 sampling,
                 generator=generator,
                 num_latents=options.num_latents,
+                logits_processor=guard,
             )
             with autocast(loaded.device, loaded.dtype):
                 for index, step in enumerate(stream):
                     tokens = step.tokens.cpu()
+                    if guard is not None:
+                        guard.observe(tokens.numpy())
                     produced.append(tokens)
                     amount += 1 if plan.measure is None else plan.measure(tokens)
                     newly = (finished_at < 0) & (amount >= plan.target)
@@ -441,6 +452,7 @@ class _Music:
             measure=measure,
             notices=notices,
             prompt_seconds=duration_seconds(content, codec),
+            guard=lambda batch: PerformanceGuard(codec, batch, request.max_note, request.max_silence),
         )
 
     def decode(self, loaded: Loaded, plan: _Plan, tokens: np.ndarray) -> MusicSample:

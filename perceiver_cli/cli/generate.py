@@ -179,6 +179,12 @@ def music(
     ] = "first",
     out: OutPath = None,
     no_audio: Annotated[bool, typer.Option("--no-audio", help="Do not render a .wav.")] = False,
+    max_note: Annotated[
+        float, typer.Option(help="Force a note's release after this many seconds (0 = never).")
+    ] = 6.0,
+    max_silence: Annotated[
+        float, typer.Option(help="After this many seconds of silence the next event must start a note (0 = off).")
+    ] = 2.0,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Do not draw the piano-roll .png.")] = False,
     checkpoint: CheckpointOpt = None,
     temperature: Temperature = 1.0,
@@ -204,7 +210,14 @@ def music(
     if prompt_from not in ("first", "last"):
         raise UsageError(f"--prompt-from {prompt_from!r} is not one of first, last")
     request = runner.MusicRequest(
-        seconds, prompt, prompt_seconds, prompt_from, audio=not no_audio, plot=not no_plot
+        seconds,
+        prompt,
+        prompt_seconds,
+        prompt_from,
+        audio=not no_audio,
+        plot=not no_plot,
+        max_note=max_note,
+        max_silence=max_silence,
     )
     _run(
         "music", request, checkpoint=checkpoint, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

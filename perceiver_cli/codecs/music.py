@@ -432,3 +432,58 @@ def cut_midi(pm: pretty_midi.PrettyMIDI, seconds: float, where: str = "first") -
     if not seconds > 0:
         raise CodecError(f"cut_midi: seconds={seconds!r} must be > 0")
     return _CUTS[where](pm, float(seconds))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling-time limits for generated performances
+
+
+class PerformanceGuard:
+    """Keeps sampled performances playable: a logits processor for `generate_stream` plus `observe(tokens)`.
+
+    Small performance models sometimes forget to release a note (it then rings to the end) or drift into long
+    silence. Two limits, both in seconds of music (0 turns one off): a note sounding for `max_note` seconds gets
+    its NOTE_OFF forced, and after `max_silence` seconds with no note sounding TIME_SHIFT is banned so that the
+    next event starts a note. The model sees the tokens that were actually emitted, so its context stays true.
+    """
+
+    def __init__(self, codec: MusicCodec, batch: int, max_note: float = 6.0, max_silence: float = 2.0):
+        self.codec = codec
+        self.max_note = round(max_note * codec.steps_per_second)
+        self.max_silence = round(max_silence * codec.steps_per_second)
+        self.time = [0] * batch  # in 10 ms steps
+        self.onsets: list[dict[int, int]] = [{} for _ in range(batch)]
+        self.quiet_since = [0] * batch
+
+    def observe(self, tokens: Sequence[int] | np.ndarray) -> None:
+        """One new token per row."""
+        c = self.codec
+        for row, token in enumerate(np.asarray(tokens).reshape(-1).tolist()):
+            if c.time_shift.first <= token <= c.time_shift.last:
+                self.time[row] += token - c.time_shift.first + 1
+            elif c.note_on.first <= token <= c.note_on.last:
+                self.onsets[row][token - c.note_on.first] = self.time[row]
+            elif c.note_off.first <= token <= c.note_off.last:
+                if self.onsets[row].pop(token - c.note_off.first, None) is not None and not self.onsets[row]:
+                    self.quiet_since[row] = self.time[row]
+
+    def observe_prompt(self, prompt: np.ndarray) -> None:
+        """Feed a (B, T) or (T,) prompt, token by token."""
+        prompt = np.atleast_2d(prompt)
+        for column in range(prompt.shape[1]):
+            self.observe(prompt[:, column])
+
+    def __call__(self, logits):
+        c = self.codec
+        logits = logits.clone()
+        for row in range(logits.shape[0]):
+            now, onsets = self.time[row], self.onsets[row]
+            overdue = [p for p, start in onsets.items() if self.max_note and now - start >= self.max_note]
+            if overdue:
+                forced = c.note_off.first + min(overdue, key=lambda p: onsets[p])
+                keep = logits[row, forced].clone()
+                logits[row] = float("-inf")
+                logits[row, forced] = keep if keep.isfinite() else 0.0
+            elif self.max_silence and not onsets and now - self.quiet_since[row] >= self.max_silence:
+                logits[row, c.time_shift.first : c.time_shift.last + 1] = float("-inf")
+        return logits

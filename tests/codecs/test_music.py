@@ -475,3 +475,35 @@ def test_inspect_counts_events_by_kind():
     assert info["instruments"] == 4 and info["drum_instruments_dropped"] == 0
     assert info["events"]["NOTE_ON"] == info["events"]["NOTE_OFF"] == info["notes"]
     assert sum(info["events"].values()) == info["tokens"]
+
+
+# -- PerformanceGuard: sampling-time limits ------------------------------------------------------------------
+
+
+def test_guard_forces_the_release_of_an_overdue_note():
+    import torch
+
+    from perceiver_cli.codecs.music import PerformanceGuard
+
+    codec = MusicCodec()
+    guard = PerformanceGuard(codec, batch=2, max_note=1.0, max_silence=0)
+    guard.observe([codec.note_on.first + 60, codec.note_on.first + 64])
+    guard.observe([codec.time_shift.last, codec.time_shift.first])  # row 0: +1 s, row 1: +10 ms
+    logits = guard(torch.zeros(2, codec.vocab_size))
+    assert logits[0].argmax().item() == codec.note_off.first + 60 and logits[0].isfinite().sum() == 1
+    assert logits[1].isfinite().all()  # row 1's note is young
+
+
+def test_guard_bans_time_shifts_after_long_silence_only():
+    import torch
+
+    from perceiver_cli.codecs.music import PerformanceGuard
+
+    codec = MusicCodec()
+    guard = PerformanceGuard(codec, batch=1, max_note=0, max_silence=2.0)
+    guard.observe_prompt(np.array([codec.bos_id, codec.time_shift.last, codec.time_shift.last]))  # 2 s of nothing
+    logits = guard(torch.zeros(1, codec.vocab_size))
+    assert not logits[0, codec.time_shift.first : codec.time_shift.last + 1].isfinite().any()
+    assert logits[0, codec.note_on.first : codec.note_on.last + 1].isfinite().all()
+    guard.observe([codec.note_on.first + 60])
+    assert guard(torch.zeros(1, codec.vocab_size)).isfinite().all()  # a note sounds: time may pass again
