@@ -211,9 +211,27 @@ def report_markdown(report: dict) -> str:
             f"**{entry['ratio_to_best_baseline']:.3f}**",
             "",
         ]
-    lines += [f"| latents N | bits/{unit} | cached decode tokens/s (fp32, batch 1) |", "|---:|---:|---:|"]
+    first = next(iter(report["sets"].values()))
+    lines += [
+        f"Eval-time compute (first set, its first {max(1, first['documents'] // 2)} documents; decode after a "
+        f"{report['latents'][0]['prompt_tokens']:,}-token prompt):",
+        "",
+        f"| latents N | bits/{unit} | cached decode tokens/s (fp32, batch 1) |",
+        "|---:|---:|---:|",
+    ]
     lines += [
         f"| {r['latents']} | {r[f'bits_per_{unit}']:.3f} | {r['decode_tokens_per_s']:.1f} |"
         for r in report["latents"]
     ]
+    if report.get("contexts"):
+        rows = report["contexts"]
+        lines += [
+            "",
+            f"Long-context effect ({rows[0]['documents']} documents; only targets at positions >= "
+            f"{rows[0]['from_position']:,} are scored, each seeing at most the last C tokens; 128 latents):",
+            "",
+            f"| context C | bits/{unit} |",
+            "|---:|---:|",
+        ]
+        lines += [f"| {r['context']:,} | {r[f'bits_per_{unit}']:.4f} |" for r in rows]
     return "\n".join(lines) + "\n"
