@@ -32,7 +32,7 @@ from .checkpoint import resolve_checkpoint as _resolve_checkpoint
 from .codecs import Codec, CodecError
 from .codecs.music import PerformanceGuard, cut_midi, duration_seconds, load_midi
 from .codecs.text import read_text
-from .device import autocast, resolve_device, resolve_dtype
+from .device import autocast, decode_threads, resolve_device, resolve_dtype
 from .generate import SamplingOptions, generate_stream
 from .model import PerceiverAR
 
@@ -88,6 +88,8 @@ def load(checkpoint: str | Path | None, modality: str, device: str = "auto", dty
     torch_device = resolve_device(device)
     compute = resolve_dtype(dtype, torch_device, purpose="decode")
     loaded = load_checkpoint(path, device=torch_device, dtype=torch.float32)
+    if torch_device.type == "cpu":
+        torch.set_num_threads(decode_threads())
     return Loaded(loaded.model, loaded.codec, torch_device, compute, loaded.path, loaded.meta)
 
 

@@ -32,3 +32,16 @@ def test_unknown_names_are_refused():
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         device.resolve_device("cuda")
+
+
+def test_decode_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert device.decode_threads() == 2
+    monkeypatch.setattr("os.getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert device.decode_threads() == 1
+    monkeypatch.setattr("os.getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert device.decode_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert device.decode_threads() == 3
