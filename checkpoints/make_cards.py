@@ -140,6 +140,9 @@ def card(name: str) -> str:
         f"--layers {model['num_layers']} --batch-size {settings.get('batch_size')} --lr {settings.get('lr')} "
         f"--warmup {settings.get('warmup')} --steps {settings.get('steps')}"
     )
+    seen = f"{training.get('tokens_seen', 0):,} input tokens"
+    if modality == "image":  # images are drawn as prefixes of random length, so the full window is an upper bound
+        seen = f"at most {seen} (images are drawn as prefixes of random length)"
     lines = [
         f"# {name}: {text['title']}",
         "",
@@ -166,7 +169,7 @@ def card(name: str) -> str:
         "## Training",
         "",
         f"- {training.get('step')} optimiser steps of batch {settings.get('batch_size')} × {model['max_context']:,} "
-        f"tokens: {training.get('tokens_seen', 0):,} input tokens, {training.get('targets_seen', 0):,} trained "
+        f"tokens: {seen}, {training.get('targets_seen', 0):,} trained "
         f"(latent) targets; AdamW (β = {settings.get('beta1')}, {settings.get('beta2')}, weight decay "
         f"{settings.get('weight_decay')}), peak lr {settings.get('lr')}, warmup {settings.get('warmup')}, cosine to "
         f"{settings.get('min_lr_ratio')}× over {settings.get('steps')} steps, gradient clipping "
