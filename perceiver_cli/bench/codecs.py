@@ -7,7 +7,6 @@ included; image: a 64x64 RGB PNG; text: 1 MB of English prose (a shipped-tokeniz
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,7 @@ import pretty_midi
 from PIL import Image
 
 from ..codecs import ImageCodec, MusicCodec, TextCodec
-
-
-def _best(function, repeats: int = 5) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from .core import best_time
 
 
 def run(midi_dir: Path, tokenizer: Path, text_source: Path | None = None) -> list[dict]:
@@ -39,7 +29,7 @@ def run(midi_dir: Path, tokenizer: Path, text_source: Path | None = None) -> lis
                 {
                     "codec": "music",
                     "input": f"{path.name} ({seconds:.0f} s, {tokens:,} tokens)",
-                    "seconds": _best(lambda data=data: music.encode(data)),
+                    "seconds": best_time(lambda data=data: music.encode(data)),
                     "target_s": 0.2,
                 }
             )
@@ -52,7 +42,7 @@ def run(midi_dir: Path, tokenizer: Path, text_source: Path | None = None) -> lis
             {
                 "codec": "image",
                 "input": "64x64 RGB PNG file (64x64 codec), decode included",
-                "seconds": _best(lambda: image.encode(png)),
+                "seconds": best_time(lambda: image.encode(png)),
                 "target_s": 0.01,
             }
         )
@@ -70,7 +60,7 @@ def run(midi_dir: Path, tokenizer: Path, text_source: Path | None = None) -> lis
         {
             "codec": "text",
             "input": f"{len(prose.encode()):,} bytes of prose",
-            "seconds": _best(lambda: text.encode(prose)),
+            "seconds": best_time(lambda: text.encode(prose)),
             "target_s": 1.0,
         }
     )

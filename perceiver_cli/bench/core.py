@@ -49,8 +49,9 @@ def _build(impl: str, context: int):
     return Transformer(config, num_layers=LATENT_LAYERS + 1)
 
 
-def _best_time(function, repeats: int) -> float:
-    function()  # warm-up: allocator, kernels, caches
+def best_time(function, repeats: int = 5) -> float:
+    """Best wall time of `repeats` calls after one warm-up call (allocator, kernels, caches)."""
+    function()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -79,7 +80,7 @@ def run_case(case: dict) -> dict:
                     else model(tokens[:, :context], last_only=True)
                 )
 
-        result["seconds"] = _best_time(prefill, case.get("repeats", 3))
+        result["seconds"] = best_time(prefill, case.get("repeats", 3))
     elif kind == "decode":
         model.eval()
         new = case.get("new_tokens", 256)
@@ -96,7 +97,7 @@ def run_case(case: dict) -> dict:
                 with autocast(device, dtype):
                     model.decode(prompt, new)
 
-        seconds = _best_time(decode, case.get("repeats", 1))
+        seconds = best_time(decode, case.get("repeats", 1))
         result.update(seconds=seconds, tokens_per_s=new / seconds)
     elif kind == "train":
         model.train()
@@ -115,7 +116,7 @@ def run_case(case: dict) -> dict:
             return logits.shape[1]
 
         trained = min(context, LATENTS) if impl == "perceiver" else context
-        seconds = _best_time(step, case.get("repeats", 2))
+        seconds = best_time(step, case.get("repeats", 2))
         result.update(seconds=seconds, targets_per_s=trained / seconds)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["parameters"] = sum(p.numel() for p in model.parameters())

@@ -17,22 +17,12 @@ import torch
 from ..device import autocast
 from ..generate import SamplingOptions, generate, generate_stream
 from ..model import PerceiverAR, latent_loss
-from .core import VOCAB, bench_config
-
-
-def _best(function, repeats: int = 5) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
+from .core import VOCAB, bench_config, best_time
 
 
 def gemm_peak(dtype: torch.dtype, size: int = 2048) -> float:
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / _best(lambda: a @ b)
+    return 2 * size**3 / best_time(lambda: a @ b)
 
 
 def streaming_bandwidth(num_elements: int) -> float:
@@ -40,7 +30,7 @@ def streaming_bandwidth(num_elements: int) -> float:
     rows = 4096
     weight = torch.randn(rows, num_elements // rows)
     vector = torch.randn(num_elements // rows)
-    return weight.numel() * 4 / _best(lambda: weight @ vector, repeats=10)
+    return weight.numel() * 4 / best_time(lambda: weight @ vector, repeats=10)
 
 
 def run(context: int = 16384, threads: int = 2, log=print) -> dict:
@@ -66,7 +56,7 @@ def run(context: int = 16384, threads: int = 2, log=print) -> dict:
             with torch.no_grad(), autocast(device, dtype):
                 model(tokens[:, :context])
 
-        seconds = _best(prefill, repeats=2)
+        seconds = best_time(prefill, repeats=2)
         results[f"prefill_{name}"] = {"seconds": seconds, "fraction_of_peak": forward_flops / seconds / peaks[name]}
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
@@ -78,7 +68,7 @@ def run(context: int = 16384, threads: int = 2, log=print) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        seconds = _best(step, repeats=1)
+        seconds = best_time(step, repeats=1)
         results[f"train_{name}"] = {
             "seconds": seconds,
             "fraction_of_peak": 3 * forward_flops / seconds / peaks[name],

@@ -102,10 +102,7 @@ def bench_command(
             max_minutes=minutes,
             log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
         )
-        result["machine"] = machine_line()
-        print(json.dumps(result, indent=None if json_output else 1))
-        if markdown:
-            markdown.write_text(json.dumps(result, indent=1) + "\n")
+        _emit(result, json_output, markdown)
         return
     if efficiency:
         from ..bench.efficiency import run
@@ -115,10 +112,7 @@ def bench_command(
             threads=threads,
             log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
         )
-        results["machine"] = machine_line()
-        print(json.dumps(results, indent=None if json_output else 1))
-        if markdown:
-            markdown.write_text(json.dumps(results, indent=1) + "\n")
+        _emit(results, json_output, markdown)
         return
 
     results = []
@@ -148,6 +142,16 @@ def bench_command(
         )
         text += "\n".join(f"- {line}" for line in ratios) + "\n"
         markdown.write_text(text)
+
+
+def _emit(result: dict, json_output: bool, path: Path | None) -> None:
+    """A JSON benchmark result on stdout (one line with --json), stamped with the machine, and optionally a file."""
+    from ..bench.core import machine_line
+
+    result["machine"] = machine_line()
+    print(json.dumps(result, indent=None if json_output else 1))
+    if path:
+        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def register(app: typer.Typer) -> None:
