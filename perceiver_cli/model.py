@@ -175,9 +175,126 @@ class Attention(nn.Module):
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         dropout = self.dropout if self.training else 0.0
-        mixed = causal_attention(query, key, value, dropout)  # (B, H, n, Dh)
-        batch, _, n, _ = mixed.shape
+        return self.merge_heads(causal_attention(query, key, value, dropout))
+
+    def merge_heads(self, mixed: Tensor) -> Tensor:
+        batch, _, n, _ = mixed.shape  # (B, H, n, Dh)
         return self.out(mixed.transpose(1, 2).reshape(batch, n, -1))  # (B, n, D)
+
+
+# Long inputs in training. The ordinary path keeps, for every input position, its embedding, its normed copy,
+# its keys and values and the rotary copies of the keys for the backward pass: ~20 floats of d_model each, about
+# 18 KiB per token at d_model 512, which is what limits the context. The cross-attention is the only place the
+# prefix is used, and its keys and values are a cheap function of the token ids (embedding -> LayerNorm ->
+# projection -> rotary), so the function below computes them chunk by chunk, keeps nothing per position but
+# the token id and position, and recomputes each chunk in the backward pass (as FlashAttention does for the
+# attention matrix). Exact: the chunks are merged by their log-sum-exp, and each chunk's gradient uses the
+# softmax over all keys.
+
+
+def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
+    """Output and log-sum-exp (B, H, n) of attention; a fused kernel on CPU, plain math elsewhere."""
+    if q.device.type == "cpu":
+        return _cpu_flash_with_lse(q, k, v, is_causal)
+    return attention_with_lse_math(q, k, v, is_causal)
+
+
+def _attention_backward(grad_out, q, k, v, out, lse, is_causal) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one key chunk's share of an attention whose softmax normaliser over all keys is `lse`."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, is_causal
+        )
+    return attention_backward_math(grad_out, q, k, v, out, lse, is_causal)
+
+
+def _chunk_scores(q: Tensor, k: Tensor, is_causal: bool) -> Tensor:
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return scores
+
+
+def attention_with_lse_math(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
+    scores = _chunk_scores(q, k, is_causal)
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp() @ v.float()).to(q.dtype), lse
+
+
+def attention_backward_math(grad_out, q, k, v, out, lse, is_causal) -> tuple[Tensor, Tensor, Tensor]:
+    probs = (_chunk_scores(q, k, is_causal) - lse[..., None]).exp()  # this chunk's columns of the full softmax
+    grad = grad_out.float()
+    grad_scores = probs * (grad @ v.float().transpose(-1, -2) - (grad * out.float()).sum(-1, keepdim=True))
+    scale = 1 / math.sqrt(q.shape[-1])
+    return (
+        (grad_scores @ k.float() * scale).to(q.dtype),
+        (grad_scores.transpose(-1, -2) @ q.float() * scale).to(k.dtype),
+        (probs.transpose(-1, -2) @ grad).to(v.dtype),
+    )
+
+
+def _key_chunks(num_keys: int, num_latents: int, chunk: int) -> list[tuple[int, int, bool]]:
+    """(start, end, causal) spans: the prefix in chunks of `chunk`, then the latents' own square-causal block."""
+    num_prefix = num_keys - num_latents
+    spans = [(start, min(start + chunk, num_prefix), False) for start in range(0, num_prefix, chunk)]
+    return spans + [(num_prefix, num_keys, True)]
+
+
+class _RecomputedCrossAttention(torch.autograd.Function):
+    """Causal cross-attention of the latents' queries over keys/values computed from token ids chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, query, tokens, positions, key_value, chunk, *parameters):
+        spans = _key_chunks(tokens.shape[1], query.shape[2], chunk)
+        merged, lse = None, None
+        for start, end, causal in spans:
+            key, value = key_value(tokens[:, start:end], positions[:, start:end])
+            out_chunk, lse_chunk = _attention_with_lse(query, key, value, causal)
+            if merged is None:
+                merged, lse = out_chunk.float(), lse_chunk
+                continue
+            new_lse = torch.logaddexp(lse, lse_chunk)
+            merged = (
+                merged * (lse - new_lse).exp()[..., None]
+                + out_chunk.float() * (lse_chunk - new_lse).exp()[..., None]
+            )
+            lse = new_lse
+        out = merged.to(query.dtype)
+        ctx.save_for_backward(query, tokens, positions, out, lse)
+        ctx.key_value, ctx.chunk, ctx.parameters = key_value, chunk, parameters
+        # the backward pass recomputes keys and values, so it must run under the forward's autocast state
+        device = query.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, tokens, positions, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_query = torch.zeros_like(query, dtype=torch.float32)
+        parameters = [p for p in ctx.parameters if p.requires_grad]
+        grad_parameters = [torch.zeros_like(p) for p in parameters]
+        device, dtype, enabled = ctx.autocast
+        for start, end, causal in _key_chunks(tokens.shape[1], query.shape[2], ctx.chunk):
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                key, value = ctx.key_value(tokens[:, start:end], positions[:, start:end])
+            dq, dk, dv = _attention_backward(grad_out, query, key.detach(), value.detach(), out, lse, causal)
+            grad_query += dq.float()
+            if parameters:
+                for total, grad in zip(
+                    grad_parameters, torch.autograd.grad((key, value), parameters, (dk, dv)), strict=True
+                ):
+                    total += grad
+        by_parameter = iter(grad_parameters)
+        grads = [next(by_parameter) if p.requires_grad else None for p in ctx.parameters]
+        return (grad_query.to(query.dtype), None, None, None, None, *grads)
+
+
+def recomputed_cross_attention(query, tokens, positions, key_value, parameters, chunk: int = 8192) -> Tensor:
+    """Attention of queries (B, H, n, Dh) over keys/values `key_value(tokens, positions)` of every position of
+    tokens (B, T) (the last n are the latents: bottom-right causal), holding O(chunk) keys at a time.
+    `parameters` are the tensors key_value reads (their gradients are returned through them)."""
+    return _RecomputedCrossAttention.apply(query, tokens, positions, key_value, chunk, *parameters)
 
 
 class MLP(nn.Module):
@@ -207,9 +324,14 @@ class CrossAttentionBlock(nn.Module):
     def input_key_value(self, inputs: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return self.attention.project_key_value(self.norm_inputs(inputs), rope)
 
+    def query(self, latents: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        return self.attention.project_query(self.norm_query(latents), rope)  # (B, H, n, Dh)
+
     def attend(self, latents: Tensor, key: Tensor, value: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        query = self.attention.project_query(self.norm_query(latents), rope)
-        hidden = latents + self.dropout(self.attention.attend(query, key, value))  # (B, n, D)
+        return self.finish(latents, self.attention.attend(self.query(latents, rope), key, value))
+
+    def finish(self, latents: Tensor, attended: Tensor) -> Tensor:
+        hidden = latents + self.dropout(attended)  # (B, n, D)
         return hidden + self.mlp(self.norm_mlp(hidden))
 
 
@@ -294,24 +416,55 @@ class PerceiverAR(nn.Module):
         n = self.resolve_latents(length, num_latents)
         num_prefix = length - n
         positions = torch.arange(position_offset, position_offset + length, device=tokens.device)[None]  # (1, T)
-        inputs = self.embedding_dropout(self.embedding(tokens))  # (B, T, D)
-        latents = inputs[:, num_prefix:]  # (B, n, D): latents start as their own positions' embeddings
         latent_positions = positions[:, num_prefix:]
-
+        latent_rope = self.rope(latent_positions)
+        kept = None
         if self.training and self.config.prefix_dropout > 0 and num_prefix > 0:
             # Physically remove a random subset of the prefix (the official code only masks it, which saves
             # nothing): the kept positions keep their true rotary positions, order is irrelevant to attention.
             keep = max(1, round(num_prefix * (1.0 - self.config.prefix_dropout)))
             scores = torch.rand(batch, num_prefix, device=tokens.device)
             kept = scores.topk(keep, dim=1).indices.sort(dim=1).values  # (B, K)
+            positions = torch.cat((kept + position_offset, latent_positions.expand(batch, -1)), dim=1)
+        num_keys = positions.shape[1]
+
+        if self._recompute_prefix(num_keys):
+            latents = self.embedding_dropout(self.embedding(tokens[:, num_prefix:]))  # (B, n, D)
+            key_tokens = tokens if kept is None else torch.cat((tokens.gather(1, kept), tokens[:, num_prefix:]), 1)
+            block = self.cross_attention
+            parameters = (self.embedding.weight, block.norm_inputs.weight, block.norm_inputs.bias)
+            mixed = recomputed_cross_attention(
+                block.query(latents, latent_rope),
+                key_tokens,
+                positions,
+                self._input_key_value,
+                (*parameters, block.attention.key_value.weight),
+                self.prefix_chunk,
+            )
+            hidden = block.finish(latents, block.attention.merge_heads(mixed))
+            return self.latent_stack(hidden, latent_rope)
+
+        inputs = self.embedding_dropout(self.embedding(tokens))  # (B, T, D)
+        latents = inputs[:, num_prefix:]  # (B, n, D): latents start as their own positions' embeddings
+        if kept is not None:
             prefix = inputs[:, :num_prefix].gather(1, kept[..., None].expand(-1, -1, inputs.shape[-1]))
             inputs = torch.cat((prefix, latents), dim=1)  # (B, K + n, D)
-            positions = torch.cat((kept + position_offset, latent_positions.expand(batch, -1)), dim=1)
-
         key, value = self.cross_attention.input_key_value(inputs, self.rope(positions))  # (B, H, T', Dh)
-        latent_rope = self.rope(latent_positions)
         hidden = self.cross_attention.attend(latents, key, value, latent_rope)  # (B, n, D)
         return self.latent_stack(hidden, latent_rope)
+
+    # Training inputs with more keys than this take the recomputing cross-attention (see above); below it the
+    # ordinary path is as fast and its memory is small. Set to 0 to always recompute, or a huge value to never.
+    recompute_prefix_above: int = 32768
+    prefix_chunk: int = 8192
+
+    def _recompute_prefix(self, num_keys: int) -> bool:
+        grad = torch.is_grad_enabled() and self.embedding.weight.requires_grad
+        no_dropout = not (self.training and self.config.dropout > 0)  # embedding dropout needs the full inputs
+        return grad and no_dropout and num_keys > self.recompute_prefix_above
+
+    def _input_key_value(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cross_attention.input_key_value(self.embedding(tokens), self.rope(positions))
 
     def flops_per_token(self, context: int, num_latents: int | None = None) -> dict[str, float]:
         """Forward FLOPs per trained (latent) position, counted analytically (2 per multiply-add).

@@ -162,3 +162,79 @@ def test_latent_loss_of_uniform_logits_is_log_vocab():
     logits = torch.zeros(2, 5, 37)
     targets = torch.randint(0, 37, (2, 9))
     assert latent_loss(logits, targets).item() == pytest.approx(torch.log(torch.tensor(37.0)).item())
+
+
+def _loss_and_grads(model: PerceiverAR, tokens: torch.Tensor, seed: int = 0):
+    torch.manual_seed(seed)  # the same prefix-dropout draw for both paths
+    model.zero_grad(set_to_none=True)
+    loss = latent_loss(model(tokens[:, :-1]), tokens[:, 1:])
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("prefix_dropout", [0.0, 0.4])
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_recomputed_cross_attention_matches_the_ordinary_path(prefix_dropout, chunk):
+    """Long-context training path: same loss and same gradient for every parameter, to float32 rounding."""
+    torch.manual_seed(0)
+    config = PerceiverARConfig(
+        vocab_size=50,
+        max_context=96,
+        num_latents=16,
+        d_model=32,
+        num_heads=4,
+        num_layers=2,
+        prefix_dropout=prefix_dropout,
+    )
+    model = PerceiverAR(config).train()
+    tokens = torch.randint(0, 50, (2, 97))
+    model.recompute_prefix_above = 10**9
+    reference_loss, reference = _loss_and_grads(model, tokens)
+    model.recompute_prefix_above, model.prefix_chunk = 0, chunk
+    loss, grads = _loss_and_grads(model, tokens)
+    assert loss == pytest.approx(reference_loss.item(), rel=1e-5)
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_recomputed_cross_attention_holds_no_per_position_activations():
+    """The autograd graph keeps token ids, not (T, d_model) tensors: saved bytes grow ~16 per extra token."""
+    config = PerceiverARConfig(
+        vocab_size=50, max_context=8192, num_latents=16, d_model=64, num_heads=4, num_layers=1
+    )
+    model = PerceiverAR(config).train()
+    model.recompute_prefix_above, model.prefix_chunk = 0, 512
+
+    def saved_bytes(length: int) -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        tokens = torch.randint(0, 50, (1, length))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            latent_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        return total
+
+    per_token = (saved_bytes(8192) - saved_bytes(4096)) / 4096
+    assert per_token <= 32, per_token  # the ordinary path saves ~1 KiB per token at d_model 64
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_portable_chunk_attention_math_matches_the_cpu_kernels(is_causal):
+    """The non-CPU path of the recomputing cross-attention, checked against the fused CPU kernels."""
+    from perceiver_cli.model import attention_backward_math, attention_with_lse_math
+
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 3, 9, 8) for _ in range(4))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=is_causal)[:2]
+    out_math, lse_math = attention_with_lse_math(q, k, v, is_causal)
+    torch.testing.assert_close(out_math, out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse_math, lse, rtol=1e-4, atol=1e-5)
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, lse, 0.0, is_causal
+    )
+    for got, expected in zip(attention_backward_math(grad, q, k, v, out, lse, is_causal), kernel, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

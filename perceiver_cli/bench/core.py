@@ -17,8 +17,10 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,7 +52,13 @@ def _build(impl: str, context: int):
 
 
 def best_time(function, repeats: int = 5) -> float:
-    """Best wall time of `repeats` calls after one warm-up call (allocator, kernels, caches)."""
+    """Best wall time of `repeats` calls after one warm-up call (allocator, kernels, caches).
+
+    repeats=0 times the single first call: for steps so long that warm-up costs are lost in them."""
+    if repeats == 0:
+        start = time.perf_counter()
+        function()
+        return time.perf_counter() - start
     function()
     times = []
     for _ in range(repeats):
@@ -67,6 +75,10 @@ def run_case(case: dict) -> dict:
     device = torch.device("cpu")
     impl, kind, context = case["impl"], case["kind"], case["context"]
     model = _build(impl, context)
+    if impl == "perceiver" and "recompute" in case:  # the long-context training path: auto, always or never
+        model.recompute_prefix_above = {"always": 0, "never": 1 << 62}.get(
+            case["recompute"], PerceiverAR.recompute_prefix_above
+        )
     tokens = torch.randint(0, VOCAB, (1, context + 1), generator=torch.Generator().manual_seed(1))
     result = dict(case)
     if kind == "prefill":
@@ -123,22 +135,57 @@ def run_case(case: dict) -> dict:
     return result
 
 
-def run_isolated(case: dict, timeout: float = 1800) -> dict:
-    """run_case in a fresh interpreter, so that peak memory is per case."""
+def _resident_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_isolated(case: dict, timeout: float = 1800, memory_limit_mib: float | None = None) -> dict:
+    """run_case in a fresh interpreter, so that peak memory is per case.
+
+    With memory_limit_mib the child is watched and killed once its resident memory passes the limit (an
+    error row "memory limit" rather than a machine that swaps or an OOM kill of something else)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(case.get("threads", 2))}
-    completed = subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, "-m", "perceiver_cli.bench.core", json.dumps(case)],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
-    if completed.returncode != 0:
-        return {
-            **case,
-            "error": completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else "failed",
-        }
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    # read the pipes on threads so a chatty child cannot block on a full pipe while we poll its memory
+    outputs: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda name=name, pipe=pipe: outputs.__setitem__(name, pipe.read()), daemon=True)
+        for name, pipe in (("stdout", child.stdout), ("stderr", child.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    started, peak, reason = time.monotonic(), 0.0, None
+    while child.poll() is None:
+        peak = max(peak, _resident_mib(child.pid))
+        if memory_limit_mib is not None and peak > memory_limit_mib:
+            reason = f"memory limit ({memory_limit_mib:,.0f} MiB) exceeded"
+        elif time.monotonic() - started > timeout:
+            reason = f"time limit ({timeout:,.0f} s) exceeded"
+        if reason:
+            child.kill()
+            break
+        time.sleep(0.1)
+    child.wait()
+    for reader in readers:
+        reader.join()
+    if reason:
+        return {**case, "error": reason, "peak_rss_mib": peak, "seconds_before_stop": time.monotonic() - started}
+    stdout, stderr = outputs.get("stdout", ""), outputs.get("stderr", "").strip()
+    if child.returncode != 0 or not stdout.strip():
+        return {**case, "error": stderr.splitlines()[-1] if stderr else f"failed (exit {child.returncode})"}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def core_cases(dtype: str = "fp32", threads: int = 2, quick: bool = False) -> list[dict]:

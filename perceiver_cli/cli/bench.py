@@ -46,12 +46,78 @@ def bench_command(
     train_speed: Annotated[bool, typer.Option("--train-speed", help="Training targets/s of a preset.")] = False,
     preset: Annotated[str, typer.Option(help="--train-speed: the preset.")] = "small",
     data: Annotated[Path | None, typer.Option(help="--train-speed: prepared data.")] = None,
+    long_context: Annotated[
+        bool,
+        typer.Option("--long-context", help="One training step from 131k to 2M tokens: time and peak memory."),
+    ] = False,
+    max_context: Annotated[
+        bool,
+        typer.Option(
+            "--max-context",
+            help="Largest context whose training step fits --memory-limit (Perceiver AR, Transformer).",
+        ),
+    ] = False,
+    contexts: Annotated[
+        list[int] | None, typer.Option("--context", help="--long-context: the contexts (repeatable).")
+    ] = None,
+    start: Annotated[int, typer.Option(help="--max-context: first context of the doubling search.")] = 4096,
+    stop: Annotated[int, typer.Option(help="--max-context: stop the search here.")] = 1 << 24,
+    memory_limit: Annotated[float, typer.Option(help="Memory limit in GiB (the child is killed above it).")] = 24.0,
+    time_limit: Annotated[float, typer.Option(help="Time limit per training step in seconds.")] = 900.0,
+    plot: Annotated[
+        Path | None, typer.Option(help="--long-context: write PLOT_time.png and PLOT_memory.png.")
+    ] = None,
     quiet: Quiet = False,
     json_output: Json = False,
 ) -> None:
     """Prefill, cached/uncached decode and training step, each case in its own process (peak RSS per case)."""
     from ..bench.core import HEADER, core_cases, machine_line, markdown_table, run_isolated, summarise
 
+    log = (lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False))
+    if long_context:
+        from ..bench import long_context as bench_long
+
+        rows = bench_long.long_context_table(
+            contexts=contexts or bench_long.LONG_CONTEXTS,
+            ordinary_contexts=[c for c in (contexts or bench_long.ORDINARY_CONTEXTS) if c <= 524_288],
+            dtype=dtype,
+            threads=threads,
+            memory_limit_mib=memory_limit * 1024,
+            timeout=time_limit,
+            log=log,
+        )
+        if plot:
+            bench_long.plot(rows, plot)
+        if not json_output:
+            print(bench_long.markdown(rows))
+        _emit({"long_context": rows, "dtype": dtype, "threads": threads}, json_output, markdown)
+        return
+    if max_context:
+        from ..bench import long_context as bench_long
+
+        found = [
+            bench_long.max_context(
+                impl,
+                start=start,
+                stop=stop,
+                dtype=dtype,
+                threads=threads,
+                memory_limit_mib=memory_limit * 1024,
+                time_limit_s=time_limit,
+                log=log,
+            )
+            for impl in ("perceiver", "transformer")
+        ]
+        if not json_output:
+            for result in found:
+                step = result["largest_step"]
+                print(
+                    f"{result['impl']}: largest context {result['largest_context'] or 0:,}"
+                    + (f" ({step['seconds']:.1f} s, {step['peak_rss_mib'] / 1024:.2f} GiB)" if step else "")
+                    + f"; next step stopped by: {result['stopped_by']}"
+                )
+        _emit({"max_context": found, "dtype": dtype, "threads": threads}, json_output, markdown)
+        return
     if generate:
         from ..bench.usage import generate_times
 

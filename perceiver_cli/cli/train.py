@@ -126,6 +126,14 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
     ] = False,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Start from this checkpoint's weights (name or folder): fine-tune a shipped model on your "
+            "data, or train it further. Its architecture wins over the shape options.",
+        ),
+    ] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop (and save) after this many minutes.")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -177,7 +185,15 @@ def train_command(
                 fields["val"] = f"{record['val_loss']:.3f}"
             progress.update(task, **fields)
 
-        result = train(data, out, train_config, resume=resume, on_progress=update, max_minutes=max_minutes)
+        result = train(
+            data,
+            out,
+            train_config,
+            resume=resume,
+            init_from=init_from,
+            on_progress=update,
+            max_minutes=max_minutes,
+        )
     if not primary:
         return
     summary = {

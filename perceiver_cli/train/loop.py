@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +183,45 @@ def model_config_for(config: TrainConfig, codec: Codec, context: int) -> Perceiv
     )
 
 
+def _codec_identity(config: dict) -> dict:
+    # a tokenizer's file name differs between a checkpoint and a prepared folder; its sha256 is what counts
+    return {key: value for key, value in config.items() if key != "tokenizer"}
+
+
+def initial_weights(
+    source: str | Path, config: TrainConfig, codec: Codec, device
+) -> tuple[PerceiverAR, TrainConfig, dict]:
+    """A model initialised from a trained checkpoint (fine-tuning, or more training of a shipped model).
+
+    The architecture is the checkpoint's, so the run's config takes its shape fields; dropout and prefix
+    dropout are the run's own. The checkpoint must use the same codec as the prepared data, or its token ids
+    would mean something else."""
+    checkpoint = load_checkpoint(source, device=device, verify=True)
+    if _codec_identity(checkpoint.codec.config) != _codec_identity(codec.config):
+        raise ValueError(
+            f"--init-from {source}: its codec {checkpoint.codec.config} differs from the prepared data's "
+            f"{codec.config} (prepare the data with the checkpoint's codec/tokenizer)"
+        )
+    shape = checkpoint.model.config
+    config = replace(
+        config,
+        context=shape.max_context,
+        latents=shape.num_latents,
+        d_model=shape.d_model,
+        heads=shape.num_heads,
+        layers=shape.num_layers,
+        mlp_ratio=shape.mlp_ratio,
+        rotary_fraction=shape.rotary_fraction,
+        tie_embeddings=shape.tie_embeddings,
+    )
+    model = PerceiverAR(replace(shape, dropout=config.dropout, prefix_dropout=config.prefix_dropout))
+    model.load_state_dict(checkpoint.model.state_dict())
+    trained = checkpoint.meta.get("training", {})
+    # what the source had seen, so a model card can count the whole training, chained through earlier sources
+    origin = {key: trained.get(key) for key in ("step", "tokens_seen", "targets_seen", "init_from")}
+    return model.to(device), config, {"checkpoint": str(source), **origin}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -257,6 +296,7 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    init_from: str | Path | None = None,
     on_progress: Callable[[dict], None] | None = None,
     max_minutes: float | None = None,
 ) -> TrainResult:
@@ -270,7 +310,7 @@ def train(
     run_dir = Path(run_dir)
     last_dir = run_dir / "last"
 
-    start_step, best_val, history = 0, None, []
+    start_step, best_val, history, origin = 0, None, [], None
     if resume:
         if not (last_dir / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{last_dir}: nothing to resume (no checkpoint)")
@@ -280,15 +320,18 @@ def train(
         config = TrainConfig(
             **{**saved.to_dict(), "steps": config.steps, "device": config.device, "dtype": config.dtype}
         )
-        start_step, best_val = trainer["step"], trainer.get("best_val_loss")
+        start_step, best_val, origin = trainer["step"], trainer.get("best_val_loss"), trainer.get("init_from")
         checkpoint = load_checkpoint(last_dir, device=device, verify=True)
         model = checkpoint.model.train()
     elif (last_dir / CONFIG_FILE).is_file():
         raise FileExistsError(f"{run_dir}: already holds a run (use --resume to continue it, or another --out)")
+    elif init_from is not None:
+        model, config, origin = initial_weights(init_from, config, data.codec, device)
+        model.train()
 
     train_sampler = WindowSampler(data, "train", config, augment=True)
     context = train_sampler.window - 1
-    if not resume:
+    if not resume and origin is None:
         torch.manual_seed(config.seed)  # the same initial weights on every rank and for every rerun
         model = PerceiverAR(model_config_for(config, data.codec, context)).to(device).train()
     val_batches = None
@@ -326,6 +369,7 @@ def train(
             "world_size": world,
             "dtype": str(dtype).replace("torch.", ""),
             "device": device.type,
+            "init_from": origin,
         }
 
     def save(step: int, train_loss: float | None, val_loss: float | None) -> None:
@@ -336,7 +380,9 @@ def train(
         save_file(optimizer_tensors(optimizer), str(tmp_opt))
         tmp_trainer = run_dir / f".{TRAINER_FILE}.tmp"
         tmp_trainer.write_text(
-            json.dumps({"step": step, "config": config.to_dict(), "best_val_loss": best_val}, indent=1)
+            json.dumps(
+                {"step": step, "config": config.to_dict(), "best_val_loss": best_val, "init_from": origin}, indent=1
+            )
         )
         save_checkpoint(
             last_dir, model, data.codec, meta, extra_files={OPTIMIZER_FILE: tmp_opt, TRAINER_FILE: tmp_trainer}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from perceiver_cli.checkpoint import load_checkpoint
+from perceiver_cli.checkpoint import load_checkpoint, save_checkpoint
+from perceiver_cli.model import PerceiverAR, PerceiverARConfig
 from perceiver_cli.train.config import TrainConfig, load_train_config
 from perceiver_cli.train.loop import learning_rate, train
 
@@ -83,6 +84,39 @@ def test_a_second_run_into_the_same_folder_needs_resume(music_data, tmp_path):
 def test_resume_without_a_checkpoint_is_a_clear_error(music_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(music_data, tmp_path / "empty", tiny(steps=2), resume=True)
+
+
+def test_init_from_a_checkpoint_continues_from_its_weights(music_data, tmp_path):
+    """--init-from starts where the source model stopped (its loss, not a fresh model's) with its shape."""
+    source = train(music_data, tmp_path / "source", tiny(steps=60, lr=1e-2, d_model=64))
+    fresh = train(music_data, tmp_path / "fresh", tiny(steps=1, d_model=64))
+    # the command line asks for a different width: the checkpoint's architecture must win
+    tuned = train(
+        music_data, tmp_path / "tuned", tiny(steps=1, d_model=32, lr=1e-9), init_from=tmp_path / "source/last"
+    )
+    assert tuned.model.config.d_model == 64
+    assert tuned.train_loss < 0.5 * fresh.train_loss
+    assert tuned.train_loss == pytest.approx(source.train_loss, rel=0.5)
+    meta = load_checkpoint(tmp_path / "tuned" / "last").meta["training"]
+    assert meta["init_from"]["step"] == 60 and meta["train_config"]["d_model"] == 64
+
+
+def test_init_from_a_checkpoint_of_another_codec_is_refused(music_data, tmp_path):
+    from perceiver_cli.codecs import ImageCodec
+
+    model = PerceiverAR(
+        PerceiverARConfig(
+            vocab_size=ImageCodec(4, 4).vocab_size,
+            max_context=64,
+            num_latents=16,
+            d_model=32,
+            num_heads=2,
+            num_layers=1,
+        )
+    )
+    save_checkpoint(tmp_path / "image", model, ImageCodec(4, 4))
+    with pytest.raises(ValueError, match="codec"):
+        train(music_data, tmp_path / "run", tiny(steps=1), init_from=tmp_path / "image")
 
 
 def test_not_a_data_directory(tmp_path):
