@@ -41,11 +41,15 @@ def bench_config(context: int) -> PerceiverARConfig:
     )
 
 
-def _build(impl: str, context: int):
+def _build(impl: str, context: int, extra_positions: int = 0):
     torch.manual_seed(0)
     config = bench_config(context)
     if impl == "perceiver":
         return PerceiverAR(config)
+    if impl in ("krasserm", "lucidrains"):
+        from .peers import build
+
+        return build(impl, context, extra_positions=extra_positions)
     from .transformer import Transformer
 
     return Transformer(config, num_layers=LATENT_LAYERS + 1)
@@ -74,7 +78,8 @@ def run_case(case: dict) -> dict:
     dtype = torch.bfloat16 if case.get("dtype") == "bf16" else torch.float32
     device = torch.device("cpu")
     impl, kind, context = case["impl"], case["kind"], case["context"]
-    model = _build(impl, context)
+    model = _build(impl, context, case.get("new_tokens", 0) if kind == "decode" else 0)
+    latent_model = impl != "transformer"  # the Perceiver ARs return logits for their N latents only
     if impl == "perceiver" and "recompute" in case:  # the long-context training path: auto, always or never
         model.recompute_prefix_above = {"always": 0, "never": 1 << 62}.get(
             case["recompute"], PerceiverAR.recompute_prefix_above
@@ -86,11 +91,7 @@ def run_case(case: dict) -> dict:
 
         def prefill():
             with torch.no_grad(), autocast(device, dtype):
-                return (
-                    model(tokens[:, :context])
-                    if impl == "perceiver"
-                    else model(tokens[:, :context], last_only=True)
-                )
+                return model(tokens[:, :context]) if latent_model else model(tokens[:, :context], last_only=True)
 
         result["seconds"] = best_time(prefill, case.get("repeats", 3))
     elif kind == "decode":
@@ -118,7 +119,7 @@ def run_case(case: dict) -> dict:
         def step():
             with autocast(device, dtype):
                 logits = model(tokens[:, :context])
-            if impl == "perceiver":
+            if latent_model:
                 loss = latent_loss(logits, tokens[:, 1:])
             else:
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[0, 1:])
@@ -127,7 +128,7 @@ def run_case(case: dict) -> dict:
             optimizer.zero_grad(set_to_none=True)
             return logits.shape[1]
 
-        trained = min(context, LATENTS) if impl == "perceiver" else context
+        trained = min(context, LATENTS) if latent_model else context
         seconds = best_time(step, case.get("repeats", 2))
         result.update(seconds=seconds, targets_per_s=trained / seconds)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

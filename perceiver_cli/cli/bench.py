@@ -32,6 +32,9 @@ def bench_command(
         int, typer.Option(help="Copy task: sequence length L (L/2 random tokens, then a copy).")
     ] = 4096,
     minutes: Annotated[float, typer.Option(help="Copy task: training time budget in minutes.")] = 30.0,
+    curriculum_start: Annotated[
+        int, typer.Option(help="Copy task: first length of the doubling length curriculum (0 = train at L only).")
+    ] = 256,
     codecs: Annotated[bool, typer.Option("--codecs", help="Codec encoding speed (music, image, text).")] = False,
     midi_dir: Annotated[Path, typer.Option(help="--codecs: where to find a ~5-minute MIDI.")] = Path(
         "../shared/data/midi/maestro"
@@ -46,6 +49,12 @@ def bench_command(
     train_speed: Annotated[bool, typer.Option("--train-speed", help="Training targets/s of a preset.")] = False,
     preset: Annotated[str, typer.Option(help="--train-speed: the preset.")] = "small",
     data: Annotated[Path | None, typer.Option(help="--train-speed: prepared data.")] = None,
+    peers: Annotated[
+        bool,
+        typer.Option(
+            "--peers", help="Side by side with krasserm's perceiver-io and lucidrains' perceiver-ar-pytorch."
+        ),
+    ] = False,
     long_context: Annotated[
         bool,
         typer.Option("--long-context", help="One training step from 131k to 2M tokens: time and peak memory."),
@@ -59,6 +68,9 @@ def bench_command(
     ] = False,
     contexts: Annotated[
         list[int] | None, typer.Option("--context", help="--long-context: the contexts (repeatable).")
+    ] = None,
+    implementations: Annotated[
+        list[str] | None, typer.Option("--impl", help="--max-context: perceiver and/or transformer (repeatable).")
     ] = None,
     start: Annotated[int, typer.Option(help="--max-context: first context of the doubling search.")] = 4096,
     stop: Annotated[int, typer.Option(help="--max-context: stop the search here.")] = 1 << 24,
@@ -74,6 +86,37 @@ def bench_command(
     from ..bench.core import HEADER, core_cases, machine_line, markdown_table, run_isolated, summarise
 
     log = (lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False))
+    if peers:
+        from ..bench import peers as bench_peers
+
+        missing = [impl for impl in bench_peers.PEERS if not bench_peers.available(impl)]
+        if missing:
+            raise UsageError(f"--peers needs {', '.join(missing)} installed: {bench_peers.INSTALL_HINT}")
+        results = []
+        for case in bench_peers.peer_cases(dtype, threads, quick):
+            log(f"running {case['kind']} {case['impl']} T={case['context']}")
+            results.append(run_isolated(case, timeout=time_limit, memory_limit_mib=memory_limit * 1024))
+        header, rows, ratios = bench_peers.summarise_peers(results)
+        if plot:
+            bench_peers.plot_peers(results, plot)
+        if json_output:
+            print(json.dumps({"machine": machine_line(), "results": results, "ratios": ratios}))
+        else:
+            table = Table(
+                title=f"perceiver bench --peers ({dtype}, {threads} threads, batch 1) on {machine_line()}"
+            )
+            for name in header:
+                table.add_column(name)
+            for row in rows:
+                table.add_row(*row)
+            Console().print(table)
+            print("\n".join(ratios))
+        if markdown:
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            body = "\n".join(lines) + "\n\n" + "\n".join(f"- {line}" for line in ratios) + "\n"
+            markdown.write_text(f"Machine: {machine_line()}; dtype {dtype}; {threads} threads; batch 1.\n\n{body}")
+        return
     if long_context:
         from ..bench import long_context as bench_long
 
@@ -95,6 +138,10 @@ def bench_command(
     if max_context:
         from ..bench import long_context as bench_long
 
+        unknown = sorted(set(implementations or ()) - {"perceiver", "transformer"})
+        if unknown:
+            raise UsageError(f"--impl {unknown[0]}: choose perceiver or transformer")
+
         found = [
             bench_long.max_context(
                 impl,
@@ -106,7 +153,7 @@ def bench_command(
                 time_limit_s=time_limit,
                 log=log,
             )
-            for impl in ("perceiver", "transformer")
+            for impl in implementations or ("perceiver", "transformer")
         ]
         if not json_output:
             for result in found:
@@ -166,6 +213,7 @@ def bench_command(
         result = run_copy_task(
             length,
             max_minutes=minutes,
+            curriculum_start=curriculum_start or None,
             log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
         )
         _emit(result, json_output, markdown)
