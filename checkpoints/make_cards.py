@@ -106,6 +106,22 @@ CARDS = {
 }
 
 
+# The first training phase of a model that was later trained further with `--init-from` (its card's words
+# when it shipped; the checkpoint's config.json keeps only the second phase's settings and the first's counts).
+FIRST_PHASE = {
+    "image": (
+        "1350 optimiser steps of batch 4 × 3,072 tokens, peak lr 0.001, warmup 150, cosine to 0.1× over 1350 "
+        "steps (`--steps` changed 2000 → 1300 → 1600 → 1350 while near peak lr), on the project's Intel Xeon "
+        "(AVX512-BF16/AMX) in bf16 autocast, one thread, sharing the machine with two other trainings; ≈ 89 minutes"
+    ),
+    "text": (
+        "1050 optimiser steps of batch 8 × 4,096 tokens, peak lr 0.001, warmup 150, cosine to 0.1× over 1050 "
+        "steps (`--steps` changed 1500 → 700 → 1050 while near peak lr), on the project's Intel Xeon "
+        "(AVX512-BF16/AMX) in bf16 autocast, one thread, sharing the machine with two other trainings; ≈ 77 minutes"
+    ),
+}
+
+
 def wall_minutes(run: Path) -> float:
     """Sum of the training segments' elapsed time (a resumed run restarts its clock)."""
     total, last = 0.0, 0.0
@@ -143,6 +159,55 @@ def card(name: str) -> str:
     seen = f"{training.get('tokens_seen', 0):,} input tokens"
     if modality == "image":  # images are drawn as prefixes of random length, so the full window is an upper bound
         seen = f"at most {seen} (images are drawn as prefixes of random length)"
+    origin = training.get("init_from")
+    if origin:
+        run = ROOT / "runs" / f"{modality}2"
+        minutes = wall_minutes(run) if (run / "metrics.jsonl").is_file() else None
+        training_lines = [
+            f"- Phase 1: {FIRST_PHASE[modality]}: {origin['targets_seen']:,} trained (latent) targets.",
+            f"- Phase 2 (`--init-from` the phase-1 weights, fresh AdamW state): {training.get('step')} optimiser "
+            f"steps of batch {settings.get('batch_size')} × {model['max_context']:,} tokens, "
+            f"{training.get('targets_seen', 0):,} trained targets; peak lr {settings.get('lr')}, warmup "
+            f"{settings.get('warmup')}, cosine to {settings.get('min_lr_ratio')}× over {settings.get('steps')} "
+            "steps, gradient clipping 1.0; on an AMD EPYC (Zen 3, 2 cores, no bf16 support, so fp32), one thread, "
+            "sharing the machine with another training and the benchmarks (paused during timed benchmarks); "
+            "wall time " + (f"≈ {minutes:.0f} minutes." if minutes else "not recorded."),
+            f"- In total: {origin['step'] + training.get('step', 0):,} optimiser steps, "
+            f"{origin['targets_seen'] + training.get('targets_seen', 0):,} trained targets. AdamW (β = "
+            f"{settings.get('beta1')}, {settings.get('beta2')}, weight decay {settings.get('weight_decay')}) "
+            "in both phases.",
+            f"- Validation loss at this step (the in-training check on fixed validation windows): "
+            f"{training.get('val_loss'):.4f} nats/token.",
+        ]
+        phase_one = train_cmd.replace(f"--steps {settings.get('steps')}", f"--steps {origin['step']}")
+        phase_one = phase_one.replace(f"--lr {settings.get('lr')}", "--lr 0.001").replace(
+            f"--warmup {settings.get('warmup')}", "--warmup 150"
+        )
+        train_cmd = (
+            f"{phase_one}\nperceiver train --data data/{modality} --out runs/{modality}2 --init-from "
+            f"runs/{modality}/best --batch-size {settings.get('batch_size')} --lr {settings.get('lr')} "
+            f"--warmup {settings.get('warmup')} --steps {settings.get('steps')}"
+        )
+        export_from = f"runs/{modality}2/best"
+    else:
+        training_lines = [
+            f"- {training.get('step')} optimiser steps of batch {settings.get('batch_size')} × "
+            f"{model['max_context']:,} tokens: {seen}, {training.get('targets_seen', 0):,} trained "
+            f"(latent) targets; AdamW (β = {settings.get('beta1')}, {settings.get('beta2')}, weight decay "
+            f"{settings.get('weight_decay')}), peak lr {settings.get('lr')}, warmup {settings.get('warmup')}, cosine "
+            f"to {settings.get('min_lr_ratio')}× over {settings.get('steps')} steps, gradient clipping "
+            f"{settings.get('grad_clip')}.",
+            "- Hardware: this project's 2-core CPU (Intel Xeon with AVX512-BF16/AMX), bf16 autocast, one thread, "
+            "sharing the machine with the two other shipped trainings; wall time "
+            + (f"≈ {minutes:.0f} minutes." if minutes else "not recorded."),
+            f"- Validation loss at this step (the in-training check on fixed validation windows): "
+            f"{training.get('val_loss'):.4f} nats/token.",
+            "",
+            f"- The run was stopped (SIGTERM) and resumed exactly with `--resume` several times while the three "
+            f"trainings shared the machine; its `--steps` was changed while still near peak lr ({text['schedule']}), "
+            "so a straight run of the command below gives a slightly different learning-rate schedule.",
+        ]
+        export_from = f"runs/{modality}/best"
     lines = [
         f"# {name}: {text['title']}",
         "",
@@ -168,28 +233,14 @@ def card(name: str) -> str:
         "",
         "## Training",
         "",
-        f"- {training.get('step')} optimiser steps of batch {settings.get('batch_size')} × {model['max_context']:,} "
-        f"tokens: {seen}, {training.get('targets_seen', 0):,} trained "
-        f"(latent) targets; AdamW (β = {settings.get('beta1')}, {settings.get('beta2')}, weight decay "
-        f"{settings.get('weight_decay')}), peak lr {settings.get('lr')}, warmup {settings.get('warmup')}, cosine to "
-        f"{settings.get('min_lr_ratio')}× over {settings.get('steps')} steps, gradient clipping "
-        f"{settings.get('grad_clip')}.",
-        "- Hardware: this project's 2-core CPU (Intel Xeon with AVX512-BF16/AMX), bf16 autocast, one thread, "
-        "sharing the machine with the two other shipped trainings; wall time "
-        + (f"≈ {minutes:.0f} minutes." if minutes else "not recorded."),
-        f"- Validation loss at this step (the in-training check on fixed validation windows): "
-        f"{training.get('val_loss'):.4f} nats/token.",
-        "",
-        f"- The run was stopped (SIGTERM) and resumed exactly with `--resume` several times while the three "
-        f"trainings shared the machine; its `--steps` was changed while still near peak lr ({text['schedule']}), so "
-        f"a straight run of the command below gives a slightly different learning-rate schedule.",
+        *training_lines,
         "",
         "Reproduce:",
         "",
         "```bash",
         text["prepare"],
         train_cmd,
-        f"perceiver export --checkpoint runs/{modality}/best --out checkpoints/{name}",
+        f"perceiver export --checkpoint {export_from} --out checkpoints/{name}",
         "```",
         "",
         "## Held-out evaluation",

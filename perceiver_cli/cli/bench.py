@@ -208,7 +208,11 @@ def bench_command(
             Console().print(table)
         return
     if copy_task:
+        import torch
+
         from ..bench.copy_task import run_copy_task
+
+        torch.set_num_threads(threads)
 
         result = run_copy_task(
             length,
