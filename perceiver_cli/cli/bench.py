@@ -32,9 +32,6 @@ def bench_command(
         int, typer.Option(help="Copy task: sequence length L (L/2 random tokens, then a copy).")
     ] = 4096,
     minutes: Annotated[float, typer.Option(help="Copy task: training time budget in minutes.")] = 30.0,
-    curriculum_start: Annotated[
-        int, typer.Option(help="Copy task: first length of the doubling length curriculum (0 = train at L only).")
-    ] = 256,
     codecs: Annotated[bool, typer.Option("--codecs", help="Codec encoding speed (music, image, text).")] = False,
     midi_dir: Annotated[Path, typer.Option(help="--codecs: where to find a ~5-minute MIDI.")] = Path(
         "../shared/data/midi/maestro"
@@ -217,7 +214,6 @@ def bench_command(
         result = run_copy_task(
             length,
             max_minutes=minutes,
-            curriculum_start=curriculum_start or None,
             log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
         )
         _emit(result, json_output, markdown)

@@ -315,6 +315,13 @@ def report_command(
         list[int] | None,
         typer.Option("--context", help="Context lengths for the long-context effect (repeatable)."),
     ] = None,
+    bf16: Annotated[
+        bool | None,
+        typer.Option(
+            "--bf16/--no-bf16",
+            help="Also score in bf16 autocast (default: only on CPUs with fast bf16, AVX512-BF16/AMX, or CUDA).",
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Model-card numbers: held-out bits (fp32 and bf16) against baselines, and bits / speed vs --latents."""
@@ -334,6 +341,7 @@ def report_command(
         max_document_tokens=max_document_tokens or None,
         latents=latents,
         contexts=contexts,
+        bf16=bf16,
         log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
     )
     write_report(report, out)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..device import cpu_has_fast_bf16
 from ..generate import generate
 from .baselines import baseline_table
 from .evaluate import evaluate_documents
@@ -58,8 +59,13 @@ def make_report(
     latents: list[int] | None = None,
     decode_tokens: int = 256,
     contexts: list[int] | None = None,
+    bf16: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
+    """bf16=None measures the bf16 quality cost only where bf16 is fast (CPUs without AVX512-BF16/AMX run it
+    ~100x slower than fp32, so there it would take hours)."""
+    if bf16 is None:
+        bf16 = cpu_has_fast_bf16()
     loaded = load_checkpoint(checkpoint)
     model, codec = loaded.model, loaded.codec
     unit = PRIMARY_UNIT[codec.name]
@@ -80,7 +86,7 @@ def make_report(
         entry["fp32"] = evaluate_documents(model, codec, documents).summary()
         entry["eval_seconds"] = time.perf_counter() - start
         log(f"  fp32 {entry['fp32']}")
-        if index == 0:
+        if index == 0 and bf16:
             entry["bf16"] = evaluate_documents(model, codec, documents, dtype=torch.bfloat16).summary()
             log(f"  bf16 bits/{unit} {entry['bf16'][f'bits_per_{unit}']:.4f}")
         entry["baselines"] = baseline_table(

@@ -36,30 +36,3 @@ def test_untrained_model_does_not_copy():
         PerceiverARConfig(vocab_size=64, max_context=64, num_latents=16, d_model=32, num_heads=2, num_layers=1)
     )
     assert copy_accuracy(model, 64, 64, sequences=2)["token_accuracy"] < 0.2
-
-
-def test_curriculum_doubles_up_to_the_length():
-    from perceiver_cli.bench.copy_task import curriculum_lengths
-
-    assert curriculum_lengths(4096, 256) == [256, 512, 1024, 2048, 4096]
-    assert curriculum_lengths(3000, 256) == [256, 512, 1024, 2048, 3000]
-    assert curriculum_lengths(128, 256) == [128] and curriculum_lengths(4096, None) == [4096]
-
-
-def test_curriculum_moves_on_to_the_full_length_and_copies_it():
-    result = run_copy_task(
-        256,
-        latents=32,
-        d_model=64,
-        layers=1,
-        heads=4,
-        batch=16,
-        lr=3e-3,
-        max_steps=1500,
-        eval_every=50,
-        curriculum_start=128,
-        log=lambda line: None,
-    )
-    assert result["curriculum"] == [128, 256]
-    assert {point["length"] for point in result["curve"]} == {128, 256}
-    assert result["final"]["token_accuracy"] >= 0.99  # greedy, on sequences it never saw

@@ -118,11 +118,13 @@ def test_prepare_train_eval_report_export(app, midi_dir, tmp_path):
             "16",
             "--context",
             "32",
+            "--bf16",  # forced: by default only CPUs with fast bf16 pay for it
             "--quiet",
         ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((report_dir / "report.json").read_text())
+    assert "bf16" in report["sets"]["val"]
     assert {"gzip-9", "bigram", "5-gram"} <= set(report["sets"]["val"]["baselines"])
     assert [row["latents"] for row in report["latents"]] == [4, 16]
     assert (report_dir / "latents_bits.png").stat().st_size > 0
