@@ -152,6 +152,17 @@ def test_prepare_train_eval_report_export(app, midi_dir, tmp_path):
     result = runner.invoke(app, ["export", "--checkpoint", str(run / "best"), "--out", str(shipped)])
     assert result.exit_code != 0 and "--force" in result.output
 
+    # fine-tuning the exported (bf16) checkpoint: weights and shape from it, the run's own steps
+    tuned = tmp_path / "tuned"
+    result = runner.invoke(
+        app,
+        ["train", "--data", str(data), "--out", str(tuned), "--init-from", str(shipped), "--steps", "2"]
+        + ["--d-model", "8", "--quiet", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    meta = load_checkpoint(tuned / "last").meta
+    assert meta["model"]["d_model"] == checkpoint.model.config.d_model and meta["training"]["init_from"]["step"] > 0
+
 
 def test_bad_data_directory_is_one_line(app, tmp_path):
     result = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--quiet"])
