@@ -131,8 +131,9 @@ SECOND_PHASE = {
     "text": (
         "Steps 0-212 on one thread beside the image training and the benchmarks, paused (SIGSTOP) for the 46 "
         "minutes of timed benchmarks; then stopped with SIGTERM and resumed exactly with `--resume` on two threads "
-        "alone, with `--steps` shortened 600 → 420 at step 212 (lr 4.1e-4 → 3.1e-4). About 61 minutes of training "
-        "in 107 minutes of wall time."
+        "alone, with `--steps` shortened 600 → 420 at step 212 (lr 4.1e-4 → 3.1e-4); after step 420 (val 4.635) "
+        "resumed again with `--steps 700` (lr back up to 2.2e-4, AdamW state kept). About TRAIN_MINUTES minutes "
+        "of training in WALL_MINUTES minutes of wall time."
     ),
 }
 
