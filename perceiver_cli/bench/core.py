@@ -331,10 +331,31 @@ def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> str:
 HEADER = ["measurement", "Perceiver AR", "Transformer", "ratio", "PAR peak RSS", "TF peak RSS"]
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+def markdown_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def plot_time_and_memory(series_of, path, time_label: str, title: str) -> None:
+    """PATH_time.png and PATH_memory.png against context; series_of(key, scale) -> {label: (xs, ys)} for the
+    result keys "seconds" and "peak_rss_mib" (the latter shown in GiB)."""
+    from ..render import plot_xy
+
+    stem = Path(path)
+    for key, scale, suffix, ylabel in (
+        ("seconds", 1, "_time.png", time_label),
+        ("peak_rss_mib", 1024, "_memory.png", "peak resident memory (GiB)"),
+    ):
+        plot_xy(
+            series_of(key, scale),
+            stem.with_name(stem.stem + suffix),
+            xlabel="context (tokens)",
+            ylabel=ylabel,
+            title=title,
+            logx=True,
+            logy=True,
+        )
 
 
 def machine_line() -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .core import run_isolated
+from .core import plot_time_and_memory, run_isolated
 
 LONG_CONTEXTS = (131_072, 262_144, 524_288, 1_048_576, 2_097_152)
 ORDINARY_CONTEXTS = (131_072, 262_144, 524_288)  # beyond this the ordinary path needs > 10 GiB here
@@ -111,8 +111,6 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from ..render import plot_xy
-
     def series(key: str, scale: float) -> dict:
         out = {}
         for name in ("recomputed", "ordinary"):
@@ -121,17 +119,4 @@ def plot(rows: list[dict], path: Path) -> None:
                 out[f"{name} cross-attention"] = ([r["context"] for r in done], [r[key] / scale for r in done])
         return out
 
-    stem = Path(path)
-    for key, scale, suffix, ylabel in (
-        ("seconds", 1, "_time.png", "one training step (s)"),
-        ("peak_rss_mib", 1024, "_memory.png", "peak resident memory (GiB)"),
-    ):
-        plot_xy(
-            series(key, scale),
-            stem.with_name(stem.stem + suffix),
-            xlabel="context (tokens)",
-            ylabel=ylabel,
-            title="Perceiver AR training step, batch 1",
-            logx=True,
-            logy=True,
-        )
+    plot_time_and_memory(series, path, "one training step (s)", "Perceiver AR training step, batch 1")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import D_MODEL, HEADS, LATENT_LAYERS, LATENTS, VOCAB
+from .core import D_MODEL, HEADS, LATENT_LAYERS, LATENTS, VOCAB, plot_time_and_memory
 
 PEERS = ("krasserm", "lucidrains")
 INSTALL_HINT = (
@@ -208,16 +208,9 @@ def summarise_peers(results: list[dict]) -> tuple[list[str], list[list[str]], li
 
 def plot_peers(results: list[dict], path) -> None:
     """Time and peak memory of prefill against context for every implementation (two PNGs)."""
-    from pathlib import Path
 
-    from ..render import plot_xy
-
-    stem = Path(path)
-    for key, scale, suffix, ylabel in (
-        ("seconds", 1, "_time.png", "prefill (s)"),
-        ("peak_rss_mib", 1024, "_memory.png", "peak resident memory (GiB)"),
-    ):
-        series = {}
+    def series(key: str, scale: float) -> dict:
+        out = {}
         for impl in IMPLS:
             points = sorted(
                 (r["context"], r[key] / scale)
@@ -225,13 +218,7 @@ def plot_peers(results: list[dict], path) -> None:
                 if r["impl"] == impl and r["kind"] == "prefill" and key in r and "seconds" in r
             )
             if points:
-                series[NAMES[impl]] = ([p[0] for p in points], [p[1] for p in points])
-        plot_xy(
-            series,
-            stem.with_name(stem.stem + suffix),
-            xlabel="context (tokens)",
-            ylabel=ylabel,
-            title="prefill, batch 1",
-            logx=True,
-            logy=True,
-        )
+                out[NAMES[impl]] = ([p[0] for p in points], [p[1] for p in points])
+        return out
+
+    plot_time_and_memory(series, path, "prefill (s)", "prefill, batch 1")

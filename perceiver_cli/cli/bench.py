@@ -109,9 +109,7 @@ def bench_command(
             Console().print(table)
             print("\n".join(ratios))
         if markdown:
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(row) + " |" for row in rows]
-            body = "\n".join(lines) + "\n\n" + "\n".join(f"- {line}" for line in ratios) + "\n"
+            body = markdown_table(rows, header) + "\n\n" + "\n".join(f"- {line}" for line in ratios) + "\n"
             markdown.write_text(f"Machine: {machine_line()}; dtype {dtype}; {threads} threads; batch 1.\n\n{body}")
         return
     if long_context:
