@@ -33,7 +33,7 @@ from .codecs import Codec, CodecError
 from .codecs.music import PerformanceGuard, cut_midi, duration_seconds, load_midi
 from .codecs.text import read_text
 from .device import autocast, decode_threads, resolve_device, resolve_dtype
-from .generate import SamplingOptions, generate_stream
+from .generate import SamplingOptions, generate_stream, step_weights_dtype
 from .model import PerceiverAR
 
 MODALITIES = ("music", "image", "text")
@@ -50,7 +50,8 @@ _SUFFIXES = {"music": ".mid", "image": ".png", "text": ".txt"}
 
 @dataclass
 class Loaded:
-    """A checkpoint ready to sample from: fp32 weights on `device`, `dtype` the autocast compute dtype."""
+    """A checkpoint ready to sample from: fp32 weights on `device`, `dtype` the autocast compute dtype;
+    `exact`: fp32 was asked for, so cached steps use the model's own weights too (no bf16 step weights)."""
 
     model: PerceiverAR
     codec: Codec
@@ -58,6 +59,11 @@ class Loaded:
     dtype: torch.dtype
     path: Path
     meta: dict = field(default_factory=dict)
+    exact: bool = False
+
+    def step_dtype(self, batch: int) -> torch.dtype | None:
+        """The weights cached decode steps read (generate.step_weights_dtype), None for the model's own."""
+        return None if self.exact else step_weights_dtype(self.device, batch, self.dtype)
 
     @property
     def name(self) -> str:
@@ -90,7 +96,7 @@ def load(checkpoint: str | Path | None, modality: str, device: str = "auto", dty
     loaded = load_checkpoint(path, device=torch_device, dtype=torch.float32)
     if torch_device.type == "cpu":
         torch.set_num_threads(decode_threads())
-    return Loaded(loaded.model, loaded.codec, torch_device, compute, loaded.path, loaded.meta)
+    return Loaded(loaded.model, loaded.codec, torch_device, compute, loaded.path, loaded.meta, dtype == "fp32")
 
 
 def describe_checkpoints() -> list[dict[str, Any]]:
@@ -371,6 +377,7 @@ def _sample_rows(
                 generator=generator,
                 num_latents=options.num_latents,
                 logits_processor=guard,
+                step_dtype=loaded.step_dtype(batch),
             )
             with autocast(loaded.device, loaded.dtype):
                 for index, step in enumerate(stream):

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from perceiver_cli import PerceiverAR, PerceiverARConfig, generate, generate_stream, window_schedule
-from perceiver_cli.generate import SamplingOptions, Window, next_window, prompt_window, sample_next
+from perceiver_cli.generate import (
+    SamplingOptions,
+    StepLinear,
+    Window,
+    next_window,
+    prompt_window,
+    sample_next,
+    step_model,
+    step_weights_dtype,
+)
 
 MAX_CONTEXT, LATENTS = 40, 8
 
@@ -80,6 +89,42 @@ def test_cached_logits_equal_full_forward_at_every_step(model, prompt_length, nu
         assert a.window == b.window
         torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0, msg=f"step {index}")
         assert torch.equal(a.tokens, b.tokens), f"step {index}"
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fp32_step_model_gives_the_exact_logits(model, batch):
+    """StepLinear only changes how few rows read the weights (F.linear for one row, weight @ x.T for more)."""
+    prompt = torch.randint(0, 29, (batch, 20), generator=torch.Generator().manual_seed(batch))
+    options = SamplingOptions(temperature=0)
+    exact = list(generate_stream(model, prompt, 60, options))
+    stepped = list(generate_stream(model, prompt, 60, options, step_dtype=torch.float32))
+    assert any(not step.window.refill for step in stepped)
+    for a, b in zip(exact, stepped, strict=True):
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_step_weights_stay_close_and_leave_the_model_alone(model):
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    stepper = step_model(model, torch.bfloat16)
+    linears = [m for m in stepper.modules() if isinstance(m, StepLinear)]
+    assert len(linears) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert stepper.embedding.weight is model.embedding.weight  # everything but the linear weights is shared
+    prompt = torch.randint(0, 29, (1, 20), generator=torch.Generator().manual_seed(7))
+    options = SamplingOptions(temperature=0)
+    exact = torch.stack([s.logits for s in generate_stream(model, prompt, 30, options)])
+    fast = torch.stack([s.logits for s in generate_stream(model, prompt, 30, options, step_dtype=torch.bfloat16)])
+    assert 0 < (fast - exact).abs().max() < 0.05  # bf16 rounding of weights and step activations, no more
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+
+
+def test_step_weights_policy():
+    cpu = torch.device("cpu")
+    assert step_weights_dtype(cpu, 1, torch.float32) == torch.bfloat16
+    assert step_weights_dtype(cpu, 16, torch.float32) == torch.float32
+    assert step_weights_dtype(cpu, 16, torch.bfloat16) == torch.bfloat16
+    assert step_weights_dtype(torch.device("cuda"), 1, torch.float32) is None
 
 
 def test_greedy_tokens_identical_with_and_without_cache(model):

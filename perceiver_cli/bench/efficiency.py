@@ -4,8 +4,13 @@ Limits: GEMM peak (best 2048x2048 matmul, fp32 and bf16) and weight-streaming ba
 product over a tensor as large as the model's weights). Then, for the bench config of core.py:
   prefill / training step at 16k: achieved FLOP/s over the GEMM peak, FLOPs counted analytically by
       PerceiverAR.flops_per_token (2 per multiply-add; a training step counts 3x the forward);
-  cached decode after a 4,096-token prompt at batch 1 and 16: tokens/s over the streaming ceiling, where each
-      step must read every weight once plus, per row, the cross-attention cache and the latent caches.
+  cached decode after a 4,096-token prompt at batch 1 and 16, over one whole refill cycle (N - R cached steps
+      and their one refill): the steady rate of the cached steps over the streaming ceiling, where each step
+      must read every weight once plus, per row, the cross-attention cache and the latent caches it attends
+      to; and the rate with the refill included. Once with the model itself (exact fp32) and once with the
+      weights `generate` picks for cached CPU steps (`step_weights_dtype`).
+bf16 rows run only where bf16 matmuls are fast (`cpu_has_fast_bf16`) unless asked for: elsewhere a bf16 GEMM
+runs ~100x slower than fp32 and one bf16 training step at 16k would take hours.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import time
 
 import torch
 
-from ..device import autocast
-from ..generate import SamplingOptions, generate, generate_stream
+from ..device import autocast, cpu_has_fast_bf16
+from ..generate import SamplingOptions, generate_stream, step_weights_dtype
 from ..model import PerceiverAR, latent_loss
 from .core import VOCAB, bench_config, best_time
 
@@ -33,23 +38,74 @@ def streaming_bandwidth(num_elements: int) -> float:
     return weight.numel() * 4 / best_time(lambda: weight @ vector, repeats=10)
 
 
-def run(context: int = 16384, threads: int = 2, log=print) -> dict:
+def decode_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int = 4096) -> dict:
+    """Greedy decode after a prompt of `prompt_length` tokens, timed token by token over one refill cycle."""
+    c = model.config
+    cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
+    prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
+    stamps, windows = [], []
+    stream = generate_stream(model, prompt, cycle + 2, SamplingOptions(temperature=0), step_dtype=step_dtype)
+    for step in stream:  # token 1 is the prompt's prefill; the cycle's refill and cached steps follow
+        stamps.append(time.perf_counter())
+        windows.append(step.window)
+    durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    steady = [(d, w) for d, w in zip(durations, windows[1:], strict=True) if not w.refill]
+    step_seconds = sorted(d for d, _ in steady)[len(steady) // 2]  # median cached step
+    weight_bytes = _step_weight_bytes(model, step_dtype)
+    # per row and step: the cross-attention keys+values of the window and each latent layer's keys+values
+    cache_bytes = [(w.end - w.start + c.num_layers * w.num_latents) * 2 * c.d_model * 4 for _, w in steady]
+    step_bytes = weight_bytes + batch * sum(cache_bytes) / len(cache_bytes)
+    ceiling = bandwidth / step_bytes * batch
+    rate = batch / step_seconds
+    return {
+        "batch": batch,
+        "step_weights": "model (exact)" if step_dtype is None else str(step_dtype).removeprefix("torch."),
+        "tokens_per_s": rate,
+        "ceiling_tokens_per_s": ceiling,
+        "fraction_of_ceiling": rate / ceiling,
+        "bytes_per_step": step_bytes,
+        "tokens_per_s_with_refill": batch * len(durations) / sum(durations),
+        "cached_steps": len(steady),
+    }
+
+
+def _step_weight_bytes(model: PerceiverAR, step_dtype) -> float:
+    """Bytes of the weights one cached step reads: every parameter once, linear weights in the step dtype, the
+    input embedding not at all (a step looks up one row; a tied head reads the matrix as a linear layer)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for parameter in module.parameters(recurse=False):
+            linear = isinstance(module, torch.nn.Linear) and step_dtype is not None
+            total += parameter.numel() * (torch.tensor([], dtype=step_dtype).element_size() if linear else 4)
+    return total
+
+
+def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=print) -> dict:
+    """`bf16`: also measure bf16 autocast (None: only where bf16 matmuls are fast)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = bench_config(context)
     model = PerceiverAR(config)
     parameters = model.num_parameters()
-    results: dict = {"parameters": parameters, "context": context}
-    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
+    with_bf16 = cpu_has_fast_bf16() if bf16 is None else bf16
+    results: dict = {"parameters": parameters, "context": context, "bf16_measured": with_bf16}
+    peaks = {"fp32": gemm_peak(torch.float32)}
+    if with_bf16:
+        peaks["bf16"] = gemm_peak(torch.bfloat16)
     bandwidth = streaming_bandwidth(parameters)
     results.update(gemm_peak_gflops={k: v / 1e9 for k, v in peaks.items()}, bandwidth_gb_s=bandwidth / 1e9)
     log(
-        f"GEMM peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f}; stream {bandwidth / 1e9:.1f} GB/s"
+        "GEMM peak "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+        + f"; stream {bandwidth / 1e9:.1f} GB/s"
     )
     tokens = torch.randint(0, VOCAB, (1, context + 1))
     forward_flops = model.flops_per_token(context)["total"]
     device = torch.device("cpu")
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name in peaks:
+        dtype = torch.float32 if name == "fp32" else torch.bfloat16
         model.eval()
 
         def prefill(dtype=dtype):
@@ -75,24 +131,9 @@ def run(context: int = 16384, threads: int = 2, log=print) -> dict:
         }
         log(f"{name}: prefill {results[f'prefill_{name}']}, train {results[f'train_{name}']}")
     model.eval()
-    c = config
-    weight_bytes = parameters * 4
     for batch in (1, 16):
-        prompt = torch.randint(0, VOCAB, (batch, 4096))
-        new = 64
-        generate(model, prompt[:, :64], 4, temperature=0)
-        stamps = [time.perf_counter() for _ in generate_stream(model, prompt, new, SamplingOptions(temperature=0))]
-        elapsed = stamps[-1] - stamps[0]  # the decode steps only: the prompt's prefill is excluded
-        # per step: all weights once, and per row the cross cache (~4,096 keys+values) and the latent caches
-        cache_bytes = (4096 + new) * 2 * c.d_model * 4 + c.num_layers * c.num_latents * 3 // 4 * 2 * c.d_model * 4
-        step_bytes = weight_bytes + batch * cache_bytes
-        ceiling = bandwidth / step_bytes * batch  # tokens/s if every step only streamed its bytes
-        rate = batch * (new - 1) / elapsed
-        results[f"decode_batch{batch}"] = {
-            "tokens_per_s": rate,
-            "ceiling_tokens_per_s": ceiling,
-            "fraction_of_ceiling": rate / ceiling,
-            "bytes_per_step": step_bytes,
-        }
-        log(f"decode batch {batch}: {results[f'decode_batch{batch}']}")
+        for label, step_dtype in (("exact", None), ("auto", step_weights_dtype(device, batch, torch.float32))):
+            result = decode_cycle(model, batch, step_dtype, bandwidth)
+            results[f"decode_batch{batch}_{label}"] = result
+            log(f"decode batch {batch} ({label}): {result}")
     return results

@@ -45,7 +45,7 @@ def bench_command(
     photo: Annotated[Path | None, typer.Option(help="--generate: the photo to complete.")] = None,
     train_speed: Annotated[bool, typer.Option("--train-speed", help="Training targets/s of a preset.")] = False,
     preset: Annotated[str, typer.Option(help="--train-speed: the preset.")] = "small",
-    data: Annotated[Path | None, typer.Option(help="--train-speed: prepared data.")] = None,
+    data: Annotated[Path | None, typer.Option(help="--train-speed, --step-weights: prepared data.")] = None,
     peers: Annotated[
         bool,
         typer.Option(
@@ -76,6 +76,14 @@ def bench_command(
     plot: Annotated[
         Path | None, typer.Option(help="--long-context: write PLOT_time.png and PLOT_memory.png.")
     ] = None,
+    step_weights: Annotated[
+        bool,
+        typer.Option(
+            "--step-weights",
+            help="Bits and tokens/s of cached decoding with fp32 vs bf16 step weights (needs -c and --data).",
+        ),
+    ] = False,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", help="--step-weights: the model.")] = None,
     quiet: Quiet = False,
     json_output: Json = False,
 ) -> None:
@@ -216,12 +224,26 @@ def bench_command(
         )
         _emit(result, json_output, markdown)
         return
+    if step_weights:
+        from ..bench.step_weights import run
+
+        if checkpoint is None or data is None:
+            raise UsageError("--step-weights needs --checkpoint and --data (a prepared data directory)")
+        result = run(
+            checkpoint,
+            data,
+            threads=threads,
+            log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
+        )
+        _emit(result, json_output, markdown)
+        return
     if efficiency:
         from ..bench.efficiency import run
 
         results = run(
             context=4096 if quick else 16384,
             threads=threads,
+            bf16=True if dtype == "bf16" else None,
             log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
         )
         _emit(results, json_output, markdown)

@@ -16,7 +16,7 @@ import typer
 
 from .. import runner
 from .errors import UsageError, report_errors
-from .options import CheckpointOpt, Device, Dtype, Force, Json, Latents, OutPath, Quiet, Seed
+from .options import CheckpointOpt, Device, Force, GenerateDtype, Json, Latents, OutPath, Quiet, Seed
 
 app = typer.Typer(
     name="generate",
@@ -196,7 +196,7 @@ def music(
     out_dir: OutDir = None,
     batch_size: BatchSize = 1,
     device: Device = "auto",
-    dtype: Dtype = "auto",
+    dtype: GenerateDtype = "auto",
     force: Force = False,
     quiet: Quiet = False,
     as_json: Json = False,
@@ -254,7 +254,7 @@ def image(
     out_dir: OutDir = None,
     batch_size: BatchSize = 1,
     device: Device = "auto",
-    dtype: Dtype = "auto",
+    dtype: GenerateDtype = "auto",
     force: Force = False,
     quiet: Quiet = False,
     as_json: Json = False,
@@ -292,7 +292,7 @@ def text(
     out_dir: OutDir = None,
     batch_size: BatchSize = 1,
     device: Device = "auto",
-    dtype: Dtype = "auto",
+    dtype: GenerateDtype = "auto",
     force: Force = False,
     quiet: Quiet = False,
     as_json: Json = False,

@@ -14,6 +14,14 @@ Dtype = Annotated[
         "--dtype", help="auto | fp32 | bf16. auto: bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX."
     ),
 ]
+GenerateDtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto | fp32 | bf16. auto: bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, and one sample's "
+        "token-by-token steps on a CPU read bf16 copies of the weights (faster); fp32: exact fp32 throughout.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]

@@ -1,0 +1,81 @@
+"""`perceiver bench --step-weights -c CHECKPOINT --data PREPARED`: what the decode step weights cost and give.
+
+`generate` runs a CPU's cached steps on bf16 copies of the weights when it makes one sample
+(`generate.step_weights_dtype`). This measures, on held-out documents of a prepared data directory, both sides:
+the bits/token of a known continuation scored by the very path that samples (teacher-forced cached decoding:
+a prompt, then every later token fed in and scored from the step's logits), and the tokens/s of those steps,
+once with the model's own fp32 weights (exact) and once with the step weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_checkpoint
+from ..generate import SamplingOptions, generate_stream
+from ..train.prepare import PreparedData
+
+
+@torch.no_grad()
+def forced_decode(model, document: torch.Tensor, prompt_length: int, step_dtype) -> tuple[float, int, float]:
+    """(bits, tokens scored, seconds) for document[prompt_length:] given document[:prompt_length]."""
+    prompt, continuation = document[None, :prompt_length], document[None, prompt_length:]
+    bits, start = 0.0, time.perf_counter()
+    stream = generate_stream(
+        model,
+        prompt,
+        continuation.shape[1],
+        SamplingOptions(temperature=0),
+        step_dtype=step_dtype,
+        forced_tokens=continuation,
+    )
+    for index, step in enumerate(stream):
+        bits += F.cross_entropy(step.logits, continuation[:, index]).item() / math.log(2)
+    return bits, continuation.shape[1], time.perf_counter() - start
+
+
+def run(
+    checkpoint: str,
+    data: Path,
+    *,
+    documents: int = 4,
+    prompt: int = 2048,
+    tokens: int = 512,
+    threads: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict:
+    torch.set_num_threads(threads)
+    model = load_checkpoint(checkpoint).model.eval()
+    prepared = PreparedData(data)
+    chosen = []
+    for document in prepared.documents("val"):
+        # a prompt of at most `prompt` tokens (half the document if shorter), then up to `tokens` scored tokens
+        length = min(len(document) // 2, prompt)
+        if length >= 1 and len(document) > length:
+            chosen.append((torch.as_tensor(document[: length + tokens].astype("int64")), length))
+        if len(chosen) == documents:
+            break
+    if not chosen:
+        raise ValueError(f"{data}: no validation documents")
+    rows = []
+    for label, step_dtype in (("fp32 (exact)", None), ("bf16 step weights", torch.bfloat16)):
+        bits = scored = seconds = 0.0
+        for document, prompt_length in chosen:
+            b, n, s = forced_decode(model, document, prompt_length, step_dtype)
+            bits, scored, seconds = bits + b, scored + n, seconds + s
+        rows.append({"weights": label, "bits_per_token": bits / scored, "tokens_per_s": scored / seconds})
+        log(f"{label}: {rows[-1]['bits_per_token']:.5f} bits/token, {rows[-1]['tokens_per_s']:.1f} tokens/s")
+    return {
+        "checkpoint": checkpoint,
+        "documents": len(chosen),
+        "scored_tokens": int(scored),
+        "rows": rows,
+        "bits_change": rows[1]["bits_per_token"] - rows[0]["bits_per_token"],
+        "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+    }

@@ -1,0 +1,95 @@
+"""`perceiver bench --step-weights` and the decode part of `--efficiency`, on tiny models."""
+
+import json
+import math
+
+import pretty_midi
+import torch
+import typer
+from typer.testing import CliRunner
+
+from perceiver_cli.bench.efficiency import _step_weight_bytes, decode_cycle
+from perceiver_cli.bench.step_weights import forced_decode
+from perceiver_cli.cli import bench as bench_cli
+from perceiver_cli.model import PerceiverAR, PerceiverARConfig
+from perceiver_cli.train.prepare import PrepareOptions, prepare
+
+
+def _tiny(max_context=64, latents=16) -> PerceiverAR:
+    torch.manual_seed(0)
+    config = PerceiverARConfig(
+        vocab_size=388, max_context=max_context, num_latents=latents, d_model=32, num_heads=4, num_layers=2
+    )
+    return PerceiverAR(config).eval()
+
+
+def test_forced_decode_scores_the_given_continuation_exactly_once():
+    model = _tiny()
+    document = torch.randint(0, 388, (90,), generator=torch.Generator().manual_seed(1))
+    bits, scored, seconds = forced_decode(model, document, 30, None)
+    assert scored == 60 and seconds > 0
+    # the same bits as scoring each token with a full forward over its window (the cached path is exact)
+    logits = torch.stack(
+        [
+            s.logits[0]
+            for s in __import__("perceiver_cli").generate_stream(
+                model, document[None, :30], 60, forced_tokens=document[None, 30:], use_cache=False
+            )
+        ]
+    )
+    reference = torch.nn.functional.cross_entropy(logits, document[30:], reduction="sum").item() / math.log(2)
+    assert abs(bits - reference) < 1e-3 * scored
+
+
+def test_step_weight_bytes_halve_the_linear_weights_in_bf16():
+    model = _tiny()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert _step_weight_bytes(model, None) == 4 * model.num_parameters()
+    assert _step_weight_bytes(model, torch.bfloat16) == 4 * model.num_parameters() - 2 * linear
+
+
+def test_decode_cycle_times_one_refill_cycle(monkeypatch):
+    import perceiver_cli.bench.efficiency as efficiency
+
+    monkeypatch.setattr(efficiency, "VOCAB", 388)
+    result = decode_cycle(_tiny(), 2, torch.float32, bandwidth=1e10, prompt_length=64)
+    assert result["cached_steps"] == 16 - 8  # N - R cached steps between two refills
+    assert 0 < result["tokens_per_s_with_refill"] <= result["tokens_per_s"] * 1.5
+    assert 0 < result["fraction_of_ceiling"] and result["bytes_per_step"] > _step_weight_bytes(_tiny(), None)
+
+
+def test_step_weights_command(tmp_path, music_checkpoint):
+    app = typer.Typer()
+    bench_cli.register(app)
+    app.command("noop")(lambda: None)  # typer needs two commands to route by name
+    midi = tmp_path / "midi"
+    midi.mkdir()
+    for i in range(8):
+        pm = pretty_midi.PrettyMIDI()
+        piano = pretty_midi.Instrument(program=0)
+        for n in range(80):
+            piano.notes.append(
+                pretty_midi.Note(velocity=80, pitch=50 + (n + i) % 12, start=n * 0.1, end=n * 0.1 + 0.08)
+            )
+        pm.instruments.append(piano)
+        pm.write(str(midi / f"piece_{i}.mid"))
+    prepare("music", [midi], tmp_path / "prepared", PrepareOptions(val_fraction=0.5))
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--step-weights",
+            "-c",
+            str(music_checkpoint),
+            "--data",
+            str(tmp_path / "prepared"),
+            "--json",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert [row["weights"] for row in summary["rows"]] == ["fp32 (exact)", "bf16 step weights"]
+    assert abs(summary["bits_change"]) < 0.05 and summary["scored_tokens"] > 0
+    missing = CliRunner().invoke(app, ["bench", "--step-weights", "-c", str(music_checkpoint)])
+    assert missing.exit_code == 2 and "needs --checkpoint and --data" in missing.output
