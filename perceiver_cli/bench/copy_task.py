@@ -5,6 +5,14 @@ reverses the copy; we follow the paper's text and copy forwards). The model is t
 loss on its latents, which all lie in the copied half when N <= L/2, so the only way to predict them is to
 attend across the cross-attention to the first half. Accuracy is measured by greedy cached generation of the
 whole second half from the first: per-token exact match and the fraction of sequences copied perfectly.
+
+The default model is the smallest that can do it: the cross-attention alone (no latent self-attention layers),
+one head of 64 dimensions, all rotary, and N = L/2 latents. Predicting latent p means attending at the fixed
+offset L/2 - 1, and at initialisation attention is uniform, so the signal towards that offset is ~1/L per
+latent per sequence: every latent is a separate example of the same offset, so N = L/2 latents (and batch 16)
+give that signal the size it has in easy short copies, and one wide head has 32 rotary frequencies to make the
+peak sharp. Measured here (BENCHMARKS.md): a 2-layer, 4-head, 256-latent model never left uniform loss at 4,096
+in 6 minutes, while this one left it after ~110 steps.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ def copy_accuracy(model: PerceiverAR, length: int, vocab: int, sequences: int, s
     return {
         "token_accuracy": correct.float().mean().item(),
         "sequence_accuracy": correct.all(dim=1).float().mean().item(),
+        # where the errors are: accuracy in 8 equal parts of the copied half, first part first
+        "accuracy_by_part": [part.float().mean().item() for part in correct.chunk(8, dim=1)],
     }
 
 
@@ -43,25 +53,26 @@ def run_copy_task(
     length: int = 4096,
     *,
     vocab: int = 64,
-    latents: int = 256,
-    d_model: int = 128,
-    layers: int = 2,
-    heads: int = 4,
-    batch: int = 8,
-    lr: float = 2e-3,
+    latents: int | None = None,
+    d_model: int = 64,
+    layers: int = 0,
+    heads: int = 1,
+    batch: int = 16,
+    lr: float = 3e-3,
     max_minutes: float = 30.0,
     max_steps: int = 100_000,
-    eval_every: int = 100,
+    eval_every: int = 50,
     target: float = 1.0,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train until greedy copying is perfect on held-out sequences (or time runs out); returns the curve."""
+    """Train until greedy copying is perfect on held-out sequences (or time runs out); returns the curve.
+    latents=None: L/2."""
     torch.manual_seed(seed)
     config = PerceiverARConfig(
         vocab_size=vocab,
         max_context=length,
-        num_latents=min(latents, length // 2),
+        num_latents=length // 2 if latents is None else min(latents, length // 2),
         d_model=d_model,
         num_heads=heads,
         num_layers=layers,
@@ -74,8 +85,12 @@ def run_copy_task(
     step = 0
     while step < max_steps and time.perf_counter() - start < max_minutes * 60:
         sequence = copy_batch(batch, length, vocab, generator)
+        # warmup, then cosine to 5% over the budget, which is steps or minutes, whichever runs out first (the
+        # attention has to sharpen after it finds the offset, and that needs the smaller steps at the end)
+        progress = max(step / max_steps, (time.perf_counter() - start) / (max_minutes * 60))
+        decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50)
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * decay
         loss = latent_loss(model(sequence[:, :-1]), sequence[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

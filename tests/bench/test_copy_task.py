@@ -28,6 +28,14 @@ def test_small_perceiver_learns_to_copy_exactly():
     assert result["curve"][0]["token_accuracy"] < 0.5  # it had to learn it
 
 
+def test_default_model_copies_exactly_at_256():
+    # the benchmark's own defaults (cross-attention only, one 64-wide head, N = L/2 latents), seeded
+    result = run_copy_task(256, max_steps=400, eval_every=25, log=lambda line: None)
+    assert result["config"]["num_layers"] == 0 and result["config"]["num_latents"] == 128
+    assert result["final"]["sequence_accuracy"] == 1.0 and result["steps"] < 400
+    assert result["curve"][0]["token_accuracy"] < 0.5
+
+
 def test_untrained_model_does_not_copy():
     from perceiver_cli import PerceiverAR, PerceiverARConfig
 
