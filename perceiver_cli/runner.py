@@ -111,6 +111,7 @@ def describe_checkpoints() -> list[dict[str, Any]]:
             continue
         model, training = meta.get("model") or {}, meta.get("training") or {}
         heldout = training.get("heldout") if isinstance(training.get("heldout"), dict) else None
+        data = training.get("data")  # export --data gives a description; a training run records its folders
         rows.append(
             {
                 **row,
@@ -118,7 +119,7 @@ def describe_checkpoints() -> list[dict[str, Any]]:
                 "parameters": meta.get("num_parameters"),
                 "context": model.get("max_context"),
                 "latents": model.get("num_latents"),
-                "data": training.get("data"),
+                "data": ", ".join(map(str, data)) if isinstance(data, list) else data,
                 "heldout": heldout,
             }
         )

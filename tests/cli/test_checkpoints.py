@@ -34,3 +34,19 @@ def test_json_and_an_unreadable_checkpoint(cli, checkpoints, checkpoint_root, tm
     assert "unreadable" in rows["broken"]["error"]
     table = cli("checkpoints")
     assert table.exit_code == 0 and "broken" in table.stdout
+
+
+def test_a_training_run_checkpoint_lists_its_data_folders(cli, tmp_path, monkeypatch):
+    """A checkpoint straight from `perceiver train` records its data as a list of folders, not a description."""
+    from perceiver_cli.checkpoint import save_checkpoint
+    from perceiver_cli.codecs import MusicCodec
+    from perceiver_cli.model import PerceiverAR, PerceiverARConfig
+
+    codec = MusicCodec()
+    model = PerceiverAR(PerceiverARConfig(codec.vocab_size, max_context=32, num_latents=8, d_model=16, num_heads=2))
+    save_checkpoint(tmp_path / "from-a-run", model, codec, {"data": ["data/mine", "data/more"]})
+    monkeypatch.setenv("PERCEIVER_CHECKPOINTS", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    result = cli("checkpoints")
+    assert result.exit_code == 0, result.output
+    assert any("from-a-run" in line and "data/mine, data/more" in line for line in result.stdout.splitlines())
