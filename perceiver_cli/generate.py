@@ -203,12 +203,12 @@ class DecodeState:
         batch: int,
         total_length: int,
         device: torch.device,
-        step_dtype: torch.dtype | None = None,
+        stepper: PerceiverAR | None = None,
     ):
         c = model.config
         self.model = model
-        # the model cached steps run on: `step_model(model, step_dtype)`, or the model itself for None
-        self.stepper = model if step_dtype is None else step_model(model, step_dtype)
+        # the model cached steps run on: a `step_model(model, dtype)`, or the model itself for None
+        self.stepper = model if stepper is None else stepper
         self.tokens = torch.zeros(batch, total_length, dtype=torch.long, device=device)
         self.length = 0
         # one slot more than max_context: the newest token is appended before the refill that slides the window
@@ -328,14 +328,14 @@ def generate_stream(
     refill_latents: int | None = None,
     use_cache: bool = True,
     logits_processor: Callable[[Tensor], Tensor] | None = None,
-    step_dtype: torch.dtype | None = None,
+    stepper: PerceiverAR | None = None,
     forced_tokens: Tensor | None = None,
 ) -> Iterator[Step]:
     """Yield one Step per new token; stop consuming to stop generating (e.g. at a duration in seconds).
 
     `logits_processor` (B, V) -> (B, V) runs before sampling (e.g. music.PerformanceGuard); Step.logits stay the
-    model's own. `step_dtype`: run cached steps on `step_model(model, step_dtype)` (CPU speed; None = exact,
-    the model itself; `step_weights_dtype` picks one). `forced_tokens` (B, max_new_tokens): yield these
+    model's own. `stepper`: run cached steps on this `step_model(model, dtype)` (CPU speed; None = exact, the
+    model itself; `step_weights_dtype` picks the dtype; build it once per model, it copies weights). `forced_tokens` (B, max_new_tokens): yield these
     instead of sampling (teacher forcing: scores a known continuation by the very path that samples).
     """
     if prompt.dim() != 2:
@@ -348,7 +348,7 @@ def generate_stream(
     total = prompt_length + max_new_tokens
     window = prompt_window(prompt_length, c.max_context, n, refill_latents)
     if use_cache:
-        state = DecodeState(model, batch, total, prompt.device, step_dtype)
+        state = DecodeState(model, batch, total, prompt.device, stepper)
         state.tokens[:, : window.start] = prompt[:, : window.start]
         state.length = state.cross_start = window.start  # inputs before the window are never attended to
         state.append_inputs(prompt[:, window.start :])

@@ -33,7 +33,7 @@ from .codecs import Codec, CodecError
 from .codecs.music import PerformanceGuard, cut_midi, duration_seconds, load_midi
 from .codecs.text import read_text
 from .device import autocast, decode_threads, resolve_device, resolve_dtype
-from .generate import SamplingOptions, generate_stream, step_weights_dtype
+from .generate import SamplingOptions, generate_stream, step_model, step_weights_dtype
 from .model import PerceiverAR
 
 MODALITIES = ("music", "image", "text")
@@ -60,10 +60,14 @@ class Loaded:
     path: Path
     meta: dict = field(default_factory=dict)
     exact: bool = False
+    steppers: dict = field(default_factory=dict)  # step dtype -> generate.step_model, built once
 
-    def step_dtype(self, batch: int) -> torch.dtype | None:
-        """The weights cached decode steps read (generate.step_weights_dtype), None for the model's own."""
-        return None if self.exact else step_weights_dtype(self.device, batch, self.dtype)
+    def stepper(self, batch: int) -> PerceiverAR | None:
+        """The model cached decode steps run on (generate.step_weights_dtype), None for the model itself."""
+        dtype = None if self.exact else step_weights_dtype(self.device, batch, self.dtype)
+        if dtype is not None and dtype not in self.steppers:
+            self.steppers[dtype] = step_model(self.model, dtype)
+        return self.steppers.get(dtype)
 
     @property
     def name(self) -> str:
@@ -378,7 +382,7 @@ def _sample_rows(
                 generator=generator,
                 num_latents=options.num_latents,
                 logits_processor=guard,
-                step_dtype=loaded.step_dtype(batch),
+                stepper=loaded.stepper(batch),
             )
             with autocast(loaded.device, loaded.dtype):
                 for index, step in enumerate(stream):

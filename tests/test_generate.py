@@ -97,7 +97,7 @@ def test_fp32_step_model_gives_the_exact_logits(model, batch):
     prompt = torch.randint(0, 29, (batch, 20), generator=torch.Generator().manual_seed(batch))
     options = SamplingOptions(temperature=0)
     exact = list(generate_stream(model, prompt, 60, options))
-    stepped = list(generate_stream(model, prompt, 60, options, step_dtype=torch.float32))
+    stepped = list(generate_stream(model, prompt, 60, options, stepper=step_model(model, torch.float32)))
     assert any(not step.window.refill for step in stepped)
     for a, b in zip(exact, stepped, strict=True):
         torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
@@ -113,7 +113,7 @@ def test_bf16_step_weights_stay_close_and_leave_the_model_alone(model):
     prompt = torch.randint(0, 29, (1, 20), generator=torch.Generator().manual_seed(7))
     options = SamplingOptions(temperature=0)
     exact = torch.stack([s.logits for s in generate_stream(model, prompt, 30, options)])
-    fast = torch.stack([s.logits for s in generate_stream(model, prompt, 30, options, step_dtype=torch.bfloat16)])
+    fast = torch.stack([s.logits for s in generate_stream(model, prompt, 30, options, stepper=stepper)])
     assert 0 < (fast - exact).abs().max() < 0.05  # bf16 rounding of weights and step activations, no more
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[name]), name

@@ -20,7 +20,7 @@ import time
 import torch
 
 from ..device import autocast, cpu_has_fast_bf16
-from ..generate import SamplingOptions, generate_stream, step_weights_dtype
+from ..generate import SamplingOptions, generate_stream, step_model, step_weights_dtype
 from ..model import PerceiverAR, latent_loss
 from .core import VOCAB, bench_config, best_time
 
@@ -44,7 +44,8 @@ def decode_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, p
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
     prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
     stamps, windows = [], []
-    stream = generate_stream(model, prompt, cycle + 2, SamplingOptions(temperature=0), step_dtype=step_dtype)
+    stepper = None if step_dtype is None else step_model(model, step_dtype)
+    stream = generate_stream(model, prompt, cycle + 2, SamplingOptions(temperature=0), stepper=stepper)
     for step in stream:  # token 1 is the prompt's prefill; the cycle's refill and cached steps follow
         stamps.append(time.perf_counter())
         windows.append(step.window)
@@ -78,7 +79,7 @@ def _step_weight_bytes(model: PerceiverAR, step_dtype) -> float:
             continue
         for parameter in module.parameters(recurse=False):
             linear = isinstance(module, torch.nn.Linear) and step_dtype is not None
-            total += parameter.numel() * (torch.tensor([], dtype=step_dtype).element_size() if linear else 4)
+            total += parameter.numel() * (torch.finfo(step_dtype).bits // 8 if linear else 4)
     return total
 
 

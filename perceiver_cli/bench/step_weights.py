@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint
-from ..generate import SamplingOptions, generate_stream
+from ..generate import SamplingOptions, generate_stream, step_model
 from ..train.prepare import PreparedData
 
 
 @torch.no_grad()
-def forced_decode(model, document: torch.Tensor, prompt_length: int, step_dtype) -> tuple[float, int, float]:
+def forced_decode(model, document: torch.Tensor, prompt_length: int, stepper) -> tuple[float, int, float]:
     """(bits, tokens scored, seconds) for document[prompt_length:] given document[:prompt_length]."""
     prompt, continuation = document[None, :prompt_length], document[None, prompt_length:]
     bits, start = 0.0, time.perf_counter()
@@ -32,7 +32,7 @@ def forced_decode(model, document: torch.Tensor, prompt_length: int, step_dtype)
         prompt,
         continuation.shape[1],
         SamplingOptions(temperature=0),
-        step_dtype=step_dtype,
+        stepper=stepper,
         forced_tokens=continuation,
     )
     for index, step in enumerate(stream):
@@ -64,10 +64,10 @@ def run(
     if not chosen:
         raise ValueError(f"{data}: no validation documents")
     rows = []
-    for label, step_dtype in (("fp32 (exact)", None), ("bf16 step weights", torch.bfloat16)):
+    for label, stepper in (("fp32 (exact)", None), ("bf16 step weights", step_model(model, torch.bfloat16))):
         bits = scored = seconds = 0.0
         for document, prompt_length in chosen:
-            b, n, s = forced_decode(model, document, prompt_length, step_dtype)
+            b, n, s = forced_decode(model, document, prompt_length, stepper)
             bits, scored, seconds = bits + b, scored + n, seconds + s
         rows.append({"weights": label, "bits_per_token": bits / scored, "tokens_per_s": scored / seconds})
         log(f"{label}: {rows[-1]['bits_per_token']:.5f} bits/token, {rows[-1]['tokens_per_s']:.1f} tokens/s")
