@@ -64,6 +64,7 @@ def run_copy_task(
     eval_every: int = 50,
     target: float = 1.0,
     seed: int = 0,
+    bf16: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train until greedy copying is perfect on held-out sequences (or time runs out); returns the curve.
@@ -91,7 +92,8 @@ def run_copy_task(
         decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50) * decay
-        loss = latent_loss(model(sequence[:, :-1]), sequence[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = latent_loss(model(sequence[:, :-1]), sequence[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

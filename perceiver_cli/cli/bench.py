@@ -32,6 +32,8 @@ def bench_command(
         int, typer.Option(help="Copy task: sequence length L (L/2 random tokens, then a copy).")
     ] = 4096,
     minutes: Annotated[float, typer.Option(help="Copy task: training time budget in minutes.")] = 30.0,
+    d_model: Annotated[int, typer.Option("--d-model", help="Copy task: model width.")] = 64,
+    heads: Annotated[int, typer.Option(help="Copy task: attention heads.")] = 1,
     codecs: Annotated[bool, typer.Option("--codecs", help="Codec encoding speed (music, image, text).")] = False,
     midi_dir: Annotated[Path, typer.Option(help="--codecs: where to find a ~5-minute MIDI.")] = Path(
         "../shared/data/midi/maestro"
@@ -219,6 +221,9 @@ def bench_command(
 
         result = run_copy_task(
             length,
+            d_model=d_model,
+            heads=heads,
+            bf16=dtype == "bf16",
             max_minutes=minutes,
             log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
         )
