@@ -46,7 +46,7 @@ CARDS = {
         "report": "perceiver prepare music --input ../shared/data/midi/maestro --out data/maestro\n"
         "perceiver prepare music --input ../shared/data/midi/giantmidi --out data/giantmidi --val-fraction 1\n"
         "perceiver report -c music-v1 --eval maestro-validation=data/maestro --eval giantmidi=data/giantmidi "
-        "--train-data data/music --out checkpoints/music-v1/report --latents 64 --latents 128 --latents 256 "
+        "--train-data data/music --out checkpoints/music-v1/report --force --latents 64 --latents 128 --latents 256 "
         "--latents 512",
     },
     "image": {
@@ -76,7 +76,7 @@ CARDS = {
         ),
         "prepare": "perceiver prepare image --input ../shared/data/images --out data/image --crops 4 --val-fraction 0.04",
         "report": "perceiver report -c image-v1 --eval photos-validation=data/image --train-data data/image "
-        "--out checkpoints/image-v1/report --max-documents 64 --latents 128 --latents 256 --latents 512 "
+        "--out checkpoints/image-v1/report --force --max-documents 64 --latents 128 --latents 256 --latents 512 "
         "--latents 1024",
     },
     "text": {
@@ -105,7 +105,7 @@ CARDS = {
         ),
         "prepare": "perceiver prepare text --input ../shared/data/text --out data/text --tokenizer-vocab 8000",
         "report": "perceiver report -c text-v1 --eval books-validation=data/text --train-data data/text "
-        "--out checkpoints/text-v1/report --latents 64 --latents 128 --latents 256 --latents 512 "
+        "--out checkpoints/text-v1/report --force --latents 64 --latents 128 --latents 256 --latents 512 "
         "--context 256 --context 1024 --context 4096",
     },
 }
@@ -127,7 +127,11 @@ FIRST_PHASE = {
 }
 
 
-# How the second phase ran (from its logs: when it was paused, what changed).
+# Where and how the second phase ran (from its logs: when it was paused, what changed).
+SECOND_PHASE_HARDWARE = {
+    "text": "an AMD EPYC (Zen 3, 2 cores, no bf16 support, so fp32)",
+    "image": "an AMD EPYC (Zen 4 with AVX512-BF16, 2 cores) in bf16 autocast, one thread",
+}
 SECOND_PHASE = {
     "text": (
         "Steps 0-212 on one thread beside the image training and the benchmarks, paused (SIGSTOP) for the 46 "
@@ -190,8 +194,7 @@ def card(name: str) -> str:
             f"steps of batch {settings.get('batch_size')} × {model['max_context']:,} tokens, "
             f"{training.get('targets_seen', 0):,} trained targets; peak lr {settings.get('lr')}, warmup "
             f"{settings.get('warmup')}, cosine to {settings.get('min_lr_ratio')}× over {settings.get('steps')} "
-            "steps, gradient clipping 1.0; on an AMD EPYC (Zen 3, 2 cores, no bf16 support, so fp32). "
-            + SECOND_PHASE[modality],
+            f"steps, gradient clipping 1.0; on {SECOND_PHASE_HARDWARE[modality]}. " + SECOND_PHASE[modality],
             f"- In total: {origin['step'] + training.get('step', 0):,} optimiser steps, "
             f"{origin['targets_seen'] + training.get('targets_seen', 0):,} trained targets. AdamW (β = "
             f"{settings.get('beta1')}, {settings.get('beta2')}, weight decay {settings.get('weight_decay')}) "

@@ -57,6 +57,7 @@ def run_copy_task(
     d_model: int = 64,
     layers: int = 0,
     heads: int = 1,
+    rotary_base: float = 10_000.0,
     batch: int = 16,
     lr: float = 3e-3,
     max_minutes: float = 30.0,
@@ -78,6 +79,7 @@ def run_copy_task(
         num_heads=heads,
         num_layers=layers,
         rotary_fraction=1.0,
+        rotary_base=rotary_base,
     )
     model = PerceiverAR(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -21,7 +21,7 @@ from rich.progress import (
 )
 
 from .errors import UsageError, report_errors
-from .options import CheckpointOpt, Device, Dtype, Json, Latents, Quiet
+from .options import CheckpointOpt, Device, Dtype, Force, Json, Latents, Quiet
 
 stderr = Console(stderr=True)
 
@@ -322,10 +322,14 @@ def report_command(
             help="Also score in bf16 autocast (default: only on CPUs with fast bf16, AVX512-BF16/AMX, or CUDA).",
         ),
     ] = None,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Model-card numbers: held-out bits (fp32 and bf16) against baselines, and bits / speed vs --latents."""
     from ..train.report import make_report, write_report
+
+    if (out / "report.json").exists() and not force:  # checked before the minutes of scoring, not after
+        raise FileExistsError(f"{out / 'report.json'} exists (use --force to replace the report)")
 
     sets = {}
     for item in eval_sets:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..codecs.base import atomic_write
 from ..device import cpu_has_fast_bf16
 from ..generate import generate
 from .baselines import baseline_table
@@ -160,7 +161,7 @@ def write_report(report: dict, out_dir: Path) -> None:
     from ..render import plot_xy
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write(out_dir / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
     unit = report["unit"]
     rows = report["latents"]
     plot_xy(
@@ -189,7 +190,7 @@ def write_report(report: dict, out_dir: Path) -> None:
             ylabel=f"bits/{unit} on positions >= {rows[0]['from_position']}",
             title="the long-context effect",
         )
-    (out_dir / "report.md").write_text(report_markdown(report))
+    atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text(report_markdown(report)))
 
 
 def report_markdown(report: dict) -> str:

@@ -129,6 +129,15 @@ def test_prepare_train_eval_report_export(app, midi_dir, tmp_path):
     assert [row["latents"] for row in report["latents"]] == [4, 16]
     assert (report_dir / "latents_bits.png").stat().st_size > 0
     assert [row["context"] for row in report["contexts"]] == [16, 32]
+    # a second report into the same folder is refused (one line, exit code 6) unless --force
+    again = ["report", "-c", str(run / "best"), "--eval", f"val={data}", "--train-data", str(data)]
+    again += ["--out", str(report_dir), "--latents", "4", "--max-documents", "1", "--quiet"]
+    result = runner.invoke(app, again)
+    assert result.exit_code == 6 and "use --force" in result.output
+    assert json.loads((report_dir / "report.json").read_text()) == report
+    result = runner.invoke(app, [*again, "--force"])
+    assert result.exit_code == 0, result.output
+    assert [row["latents"] for row in json.loads((report_dir / "report.json").read_text())["latents"]] == [4]
 
     shipped = tmp_path / "shipped" / "mine-v1"
     result = runner.invoke(
