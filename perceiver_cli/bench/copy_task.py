@@ -12,7 +12,8 @@ offset L/2 - 1, and at initialisation attention is uniform, so the signal toward
 latent per sequence: every latent is a separate example of the same offset, so N = L/2 latents (and batch 16)
 give that signal the size it has in easy short copies, and one wide head has 32 rotary frequencies to make the
 peak sharp. Measured here (BENCHMARKS.md): a 2-layer, 4-head, 256-latent model never left uniform loss at 4,096
-in 6 minutes, while this one left it after ~110 steps.
+in 6 minutes, while this one left it after ~110 steps. The rotary base is 2,000 rather than the usual 10,000:
+at 4,096 it plateaued at 96.7% of tokens (loss 0.055) against 94% (loss 0.13) with 10,000 and 93% with 500.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def run_copy_task(
     d_model: int = 64,
     layers: int = 0,
     heads: int = 1,
-    rotary_base: float = 10_000.0,
+    rotary_base: float = 2000.0,
     batch: int = 16,
     lr: float = 3e-3,
     max_minutes: float = 30.0,

@@ -34,6 +34,9 @@ def bench_command(
     minutes: Annotated[float, typer.Option(help="Copy task: training time budget in minutes.")] = 30.0,
     d_model: Annotated[int, typer.Option("--d-model", help="Copy task: model width.")] = 64,
     heads: Annotated[int, typer.Option(help="Copy task: attention heads.")] = 1,
+    rotary_base: Annotated[
+        float, typer.Option(help="Copy task: rotary base (wavelengths up to 2π·base).")
+    ] = 2000.0,
     codecs: Annotated[bool, typer.Option("--codecs", help="Codec encoding speed (music, image, text).")] = False,
     midi_dir: Annotated[Path, typer.Option(help="--codecs: where to find a ~5-minute MIDI.")] = Path(
         "../shared/data/midi/maestro"
@@ -223,6 +226,7 @@ def bench_command(
             length,
             d_model=d_model,
             heads=heads,
+            rotary_base=rotary_base,
             bf16=dtype == "bf16",
             max_minutes=minutes,
             log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
