@@ -193,6 +193,7 @@ def train_command(
             init_from=init_from,
             on_progress=update,
             max_minutes=max_minutes,
+            resume_steps=steps,
         )
     if not primary:
         return

@@ -299,7 +299,10 @@ def train(
     init_from: str | Path | None = None,
     on_progress: Callable[[dict], None] | None = None,
     max_minutes: float | None = None,
+    resume_steps: int | None = None,
 ) -> TrainResult:
+    """Train on prepared data into run_dir. With resume=True the run's saved settings win over `config`, except
+    device and dtype; it trains to `resume_steps` if given, else to the run's own total."""
     rank, world = _distributed()
     device = resolve_device(config.device)
     if device.type == "cuda" and world > 1:
@@ -316,10 +319,10 @@ def train(
             raise FileNotFoundError(f"{last_dir}: nothing to resume (no checkpoint)")
         trainer = json.loads((last_dir / TRAINER_FILE).read_text())
         saved = TrainConfig(**trainer["config"])
-        # the run's own settings win, except how long to train and where to run
-        config = TrainConfig(
-            **{**saved.to_dict(), "steps": config.steps, "device": config.device, "dtype": config.dtype}
-        )
+        # the run's own settings win, except where to run and, when asked, how long to train (a resume without
+        # --steps once fell back to the default 2,000 and re-warmed a run that was near the end of its cosine)
+        steps = saved.steps if resume_steps is None else resume_steps
+        config = TrainConfig(**{**saved.to_dict(), "steps": steps, "device": config.device, "dtype": config.dtype})
         start_step, best_val, origin = trainer["step"], trainer.get("best_val_loss"), trainer.get("init_from")
         checkpoint = load_checkpoint(last_dir, device=device, verify=True)
         model = checkpoint.model.train()

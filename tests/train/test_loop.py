@@ -75,6 +75,18 @@ def test_resume_equals_uninterrupted_training(music_data, tmp_path):
         assert a[step] == pytest.approx(b[step], abs=1e-6), step
 
 
+def test_resume_keeps_the_runs_own_length_unless_asked(music_data, tmp_path):
+    run = tmp_path / "run"
+    train(music_data, run, tiny(steps=4))
+    # a config with another length (the CLI's default when --steps is not given) does not change the run's
+    again = train(music_data, run, tiny(steps=2000), resume=True)
+    assert again.step == 4
+    assert json.loads((run / "last" / "trainer.json").read_text())["config"]["steps"] == 4
+    longer = train(music_data, run, tiny(steps=2000), resume=True, resume_steps=6)
+    assert longer.step == 6
+    assert json.loads((run / "last" / "trainer.json").read_text())["config"]["steps"] == 6
+
+
 def test_a_second_run_into_the_same_folder_needs_resume(music_data, tmp_path):
     train(music_data, tmp_path / "run", tiny(steps=2))
     with pytest.raises(FileExistsError, match="--resume"):
