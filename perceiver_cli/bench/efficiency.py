@@ -159,7 +159,7 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             result = decode_cycle(model, batch, step_dtype, bandwidth)
             results[f"decode_batch{batch}_{label}"] = result
             log(f"decode batch {batch} ({label}): {result}")
-    # This VM's speed drifts over minutes (a 2048^2 fp32 GEMM measured 126 and 183 GFLOP/s ten minutes apart,
+    # This VM's speed drifts (a 2048^2 fp32 GEMM measured 126, 176 and 183 GFLOP/s within one hour,
     # nothing else running): measure the limits again and keep the higher as the denominator.
     again = {name: gemm_peak(torch.float32 if name == "fp32" else torch.bfloat16) for name in peaks}
     use_higher_limits(results, again, streaming_bandwidth(parameters))
