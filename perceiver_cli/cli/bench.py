@@ -37,6 +37,12 @@ def bench_command(
     rotary_base: Annotated[
         float, typer.Option(help="Copy task: rotary base (wavelengths up to 2π·base).")
     ] = 2000.0,
+    copy_zero_bias: Annotated[
+        bool,
+        typer.Option(
+            "--copy-zero-bias", help="Copy task: start the LayerNorm biases at zero (reproduces the old plateau)."
+        ),
+    ] = False,
     codecs: Annotated[bool, typer.Option("--codecs", help="Codec encoding speed (music, image, text).")] = False,
     midi_dir: Annotated[Path, typer.Option(help="--codecs: where to find a ~5-minute MIDI.")] = Path(
         "../shared/data/midi/maestro"
@@ -228,6 +234,7 @@ def bench_command(
             heads=heads,
             rotary_base=rotary_base,
             bf16=dtype == "bf16",
+            zero_bias=copy_zero_bias,
             max_minutes=minutes,
             log=(lambda line: None) if quiet else (lambda line: stderr.print(line, highlight=False)),
         )
