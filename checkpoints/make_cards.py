@@ -73,7 +73,9 @@ CARDS = {
             "models. Fewer latents cost a lot here (4.67 bits/dim at 128 vs 4.02 at 1,024) because an image's pixels "
             "depend on the rows just above, which fall out of the latent window when N is small. Samples at "
             "temperature 1 are still noisy below the kept half (see samples/). Completion of the bottom half of a "
-            "photo takes well under the 30 s target (see BENCHMARKS.md)."
+            "photo takes well under the 30 s target (see BENCHMARKS.md). On all 213 validation photos (the report scores "
+            "the first 64), `perceiver eval --checkpoint image-v1 --data data/image --dtype fp32 --json` gives 4.391 "
+            "bits/dim (the phase-1 model: 4.891); WebP was not run on that set."
         ),
         "prepare": "perceiver prepare image --input ../shared/data/images --out data/image --crops 4 --val-fraction 0.04",
         "report": "perceiver report -c image-v1 --eval photos-validation=data/image --train-data data/image "
