@@ -73,11 +73,16 @@ def copy_diagnosis(model: PerceiverAR, length: int, vocab: int, sequences: int =
     embedded = model.embedding(inputs)
     query = block.query(embedded[:, -n:], model.rope(positions[:, -n:]))  # (B, H, n, Dh)
     key, _ = block.input_key_value(embedded, model.rope(positions))  # (B, H, T, Dh)
-    query_positions = torch.arange(num_inputs - n, num_inputs)
-    scores = (query @ key.transpose(-1, -2)) / math.sqrt(query.shape[-1])  # (B, H, n, T)
-    scores = scores.masked_fill(positions[0][None, :] > query_positions[:, None], float("-inf"))
-    target_positions = query_positions + 1 - length // 2  # the latent at p predicts token p + 1 = token p + 1 - L/2
-    p_target = scores.softmax(-1)[..., torch.arange(n), target_positions].mean(1)  # (B, n), mean over heads
+    p_target = []
+    for first in range(0, n, 1024):  # query chunks: the whole (n, T) score matrix is 2 GB at L = 16,384
+        rows = query[:, :, first : first + 1024]
+        query_positions = torch.arange(num_inputs - n + first, num_inputs - n + first + rows.shape[2])
+        scores = (rows @ key.transpose(-1, -2)) / math.sqrt(query.shape[-1])  # (B, H, chunk, T)
+        scores = scores.masked_fill(positions[0][None, :] > query_positions[:, None], float("-inf"))
+        target = query_positions + 1 - length // 2  # the latent at p predicts token p + 1 = token p + 1 - L/2
+        chosen = scores[..., torch.arange(rows.shape[2]), target] - scores.logsumexp(-1)
+        p_target.append(chosen.exp().mean(1))  # (B, chunk), mean over heads
+    p_target = torch.cat(p_target, dim=1)  # (B, n)
     correct = model(inputs).argmax(-1) == targets[:, -n:]
     model.train()
     wanted = targets[:, -n:].flatten()
