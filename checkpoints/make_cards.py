@@ -114,39 +114,59 @@ CARDS = {
 }
 
 
-# The first training phase of a model that was later trained further with `--init-from` (its card's words
-# when it shipped; the checkpoint's config.json keeps only the second phase's settings and the first's counts).
-FIRST_PHASE = {
-    "image": (
-        "1350 optimiser steps of batch 4 × 3,072 tokens, peak lr 0.001, warmup 150, cosine to 0.1× over 1350 "
-        "steps (`--steps` changed 2000 → 1300 → 1600 → 1350 while near peak lr), on the project's Intel Xeon "
-        "(AVX512-BF16/AMX) in bf16 autocast, one thread, sharing the machine with two other trainings; ≈ 89 minutes"
-    ),
-    "text": (
-        "1050 optimiser steps of batch 8 × 4,096 tokens, peak lr 0.001, warmup 150, cosine to 0.1× over 1050 "
-        "steps (`--steps` changed 1500 → 700 → 1050 while near peak lr), on the project's Intel Xeon "
-        "(AVX512-BF16/AMX) in bf16 autocast, one thread, sharing the machine with two other trainings; ≈ 77 minutes"
-    ),
+# The earlier training phases of a model that was trained further with `--init-from`, oldest first: their
+# settings and the card's words for them when they were the last phase (the checkpoint's config.json keeps only
+# the last phase's settings, and each earlier phase's counts in its nested `init_from`).
+EARLIER_PHASES = {
+    "image": [
+        {
+            "batch_size": 4,
+            "lr": 0.001,
+            "warmup": 150,
+            "words": (
+                "1350 optimiser steps of batch 4 × 3,072 tokens, peak lr 0.001, warmup 150, cosine to 0.1× over "
+                "1350 steps (`--steps` changed 2000 → 1300 → 1600 → 1350 while near peak lr), on the project's "
+                "Intel Xeon (AVX512-BF16/AMX) in bf16 autocast, one thread, sharing the machine with two other "
+                "trainings; ≈ 89 minutes"
+            ),
+        },
+        {
+            "batch_size": 8,
+            "lr": 0.0004,
+            "warmup": 50,
+            "words": (
+                "1400 optimiser steps of batch 8 × 3,072 tokens, peak lr 0.0004, warmup 50, cosine to 0.1× over "
+                "1400 steps, gradient clipping 1.0, on an AMD EPYC (Zen 4 with AVX512-BF16, 2 cores) in bf16 "
+                "autocast, two threads; stopped with SIGTERM and resumed exactly with `--resume` four times, "
+                "`--steps` changed 1800 → 1400 → 1200 → 1600 → 1400 while the lr was within 20% of its peak, and "
+                "steps 60-456 shared the machine with copy-task runs; about 86 minutes of training, in-training "
+                "val 3.170 → 2.903 nats/token"
+            ),
+        },
+    ],
+    "text": [
+        {
+            "batch_size": 8,
+            "lr": 0.001,
+            "warmup": 150,
+            "words": (
+                "1050 optimiser steps of batch 8 × 4,096 tokens, peak lr 0.001, warmup 150, cosine to 0.1× over "
+                "1050 steps (`--steps` changed 1500 → 700 → 1050 while near peak lr), on the project's Intel Xeon "
+                "(AVX512-BF16/AMX) in bf16 autocast, one thread, sharing the machine with two other trainings; "
+                "≈ 77 minutes"
+            ),
+        },
+    ],
 }
 
 
-FIRST_PHASE_BATCH = {"image": 4, "text": 8}  # phase 1's batch size (config.json keeps phase 2's)
-
-
-# Where and how the second phase ran (from its logs: when it was paused, what changed).
-SECOND_PHASE_HARDWARE = {
+# Where and how the last phase of a multi-phase model ran (from its logs: when it was paused, what changed).
+LAST_PHASE_HARDWARE = {
     "text": "an AMD EPYC (Zen 3, 2 cores, no bf16 support, so fp32)",
     "image": "an AMD EPYC (Zen 4 with AVX512-BF16, 2 cores) in bf16 autocast, two threads",
 }
-SECOND_PHASE = {
-    "image": (
-        "From step 60 to 456 it shared the machine with copy-task runs on one core (about 6 s a step instead of "
-        "2.6). It was stopped with SIGTERM and resumed exactly with `--resume` four times to make room for "
-        "benchmarks, with `--steps` changed 1800 → 1400 (at step 337) → 1200 (456) → 1600 (461) → 1400 (528), "
-        "all while the lr was within 20% of its peak; about 86 minutes of training in all, shipped at its last "
-        "step, 1400 (in-training val 3.170 → 2.903 nats/token). (A phase 2 run in the previous session reached "
-        "step 1,200 but was lost with its runs/ folder; this one was redone from the shipped phase-1 weights.)"
-    ),
+LAST_PHASE = {
+    "image": "PHASE 3 NOTES",
     "text": (
         "Steps 0-212 on one thread beside the image training and the benchmarks, paused (SIGSTOP) for the 46 "
         "minutes of timed benchmarks; then stopped with SIGTERM and resumed exactly with `--resume` on two threads "
@@ -200,35 +220,55 @@ def card(name: str) -> str:
         seen = f"at most {seen} (images are drawn as prefixes of random length)"
     origin = training.get("init_from")
     if origin:
-        run = ROOT / "runs" / f"{modality}2"
-        minutes = wall_minutes(run) if (run / "metrics.jsonl").is_file() else None
+        earlier = []  # the earlier phases' records, oldest first
+        while origin:
+            earlier.insert(0, origin)
+            origin = origin.get("init_from")
+        phases = EARLIER_PHASES[modality]
+        assert len(phases) == len(earlier), f"{name}: describe each of its {len(earlier)} earlier phases"
+        last = len(earlier) + 1
         training_lines = [
-            f"- Phase 1: {FIRST_PHASE[modality]}: {origin['targets_seen']:,} trained (latent) targets.",
-            f"- Phase 2 (`--init-from` the phase-1 weights, fresh AdamW state): {training.get('step')} optimiser "
-            f"steps of batch {settings.get('batch_size')} × {model['max_context']:,} tokens, "
+            f"- Phase 1: {phases[0]['words']}: {earlier[0]['targets_seen']:,} trained (latent) targets."
+        ]
+        training_lines += [
+            f"- Phase {index + 1} (`--init-from` the phase-{index} weights, fresh AdamW state): {phase['words']}: "
+            f"{record['targets_seen']:,} trained targets."
+            for index, (phase, record) in enumerate(zip(phases, earlier, strict=True))
+            if index > 0
+        ]
+        total_steps = sum(record["step"] for record in earlier) + training.get("step", 0)
+        total_targets = sum(record["targets_seen"] for record in earlier) + training.get("targets_seen", 0)
+        training_lines += [
+            f"- Phase {last} (`--init-from` the phase-{last - 1} weights, fresh AdamW state): {training.get('step')} "
+            f"optimiser steps of batch {settings.get('batch_size')} × {model['max_context']:,} tokens, "
             f"{training.get('targets_seen', 0):,} trained targets; peak lr {settings.get('lr')}, warmup "
             f"{settings.get('warmup')}, cosine to {settings.get('min_lr_ratio')}× over {settings.get('steps')} "
-            f"steps, gradient clipping 1.0; on {SECOND_PHASE_HARDWARE[modality]}. " + SECOND_PHASE[modality],
-            f"- In total: {origin['step'] + training.get('step', 0):,} optimiser steps, "
-            f"{origin['targets_seen'] + training.get('targets_seen', 0):,} trained targets. AdamW (β = "
+            f"steps, gradient clipping 1.0; on {LAST_PHASE_HARDWARE[modality]}. " + LAST_PHASE[modality],
+            f"- In total: {total_steps:,} optimiser steps, {total_targets:,} trained targets. AdamW (β = "
             f"{settings.get('beta1')}, {settings.get('beta2')}, weight decay {settings.get('weight_decay')}) "
-            "in both phases.",
+            + ("in both phases." if last == 2 else f"in all {last} phases."),
             f"- Validation loss at this step (the in-training check on fixed validation windows): "
             f"{training.get('val_loss'):.4f} nats/token.",
         ]
-        phase_one = train_cmd.replace(f"--steps {settings.get('steps')}", f"--steps {origin['step']}")
-        phase_one = phase_one.replace(
-            f"--batch-size {settings.get('batch_size')}", f"--batch-size {FIRST_PHASE_BATCH[modality]}"
-        )
-        phase_one = phase_one.replace(f"--lr {settings.get('lr')}", "--lr 0.001").replace(
-            f"--warmup {settings.get('warmup')}", "--warmup 150"
-        )
-        train_cmd = (
-            f"{phase_one}\nperceiver train --data data/{modality} --out runs/{modality}2 --init-from "
-            f"runs/{modality}/best --batch-size {settings.get('batch_size')} --lr {settings.get('lr')} "
-            f"--warmup {settings.get('warmup')} --steps {settings.get('steps')}"
-        )
-        export_from = f"runs/{modality}2/best"
+        # runs/image, runs/image2, runs/image3, ...: each phase starts from the best checkpoint of the one before
+        run_names = [modality] + [f"{modality}{index}" for index in range(2, last + 1)]
+        first = phases[0]
+        commands = [
+            train_cmd.replace(f"--steps {settings.get('steps')}", f"--steps {earlier[0]['step']}")
+            .replace(f"--batch-size {settings.get('batch_size')}", f"--batch-size {first['batch_size']}")
+            .replace(f"--lr {settings.get('lr')}", f"--lr {first['lr']}")
+            .replace(f"--warmup {settings.get('warmup')}", f"--warmup {first['warmup']}")
+        ]
+        later = [(phase, record["step"]) for phase, record in zip(phases[1:], earlier[1:], strict=True)]
+        later.append((settings, settings.get("steps")))
+        for index, (phase, steps) in enumerate(later, start=1):
+            commands.append(
+                f"perceiver train --data data/{modality} --out runs/{run_names[index]} --init-from "
+                f"runs/{run_names[index - 1]}/best --batch-size {phase['batch_size']} --lr {phase['lr']} "
+                f"--warmup {phase['warmup']} --steps {steps}"
+            )
+        train_cmd = "\n".join(commands)
+        export_from = f"runs/{run_names[-1]}/best"
     else:
         training_lines = [
             f"- {training.get('step')} optimiser steps of batch {settings.get('batch_size')} × "
