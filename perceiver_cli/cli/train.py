@@ -211,9 +211,11 @@ def train_command(
         print(json.dumps(summary))
     else:
         state = "interrupted, saved" if result.interrupted else "done"
+        # best/ appears at the first validation, which a run stopped early may not have reached
+        saved = f"{out}/last and {out}/best" if (out / "best").is_dir() else f"{out}/last"
         print(
             f"{state} at step {result.step}: train loss {result.train_loss}, val loss {result.val_loss}; "
-            f"checkpoints in {out}/last and {out}/best (resume with --resume)"
+            f"checkpoints in {saved} (resume with --resume)"
         )
     if result.interrupted:
         raise typer.Exit(130)

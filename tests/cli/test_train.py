@@ -184,3 +184,15 @@ def test_unknown_preset_is_one_line(app, tmp_path):
         app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config", "huge"]
     )
     assert result.exit_code == 2 and "unknown config preset" in result.output
+
+
+def test_run_stopped_before_its_first_validation_names_only_last(app, midi_dir, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    prepare = ["prepare", "music", "--input", str(midi_dir), "--out", str(data), "--val-fraction", "0.3", "--quiet"]
+    assert runner.invoke(app, prepare).exit_code == 0
+    tiny = ["--config", "tiny", "--context", "64", "--latents", "16", "--device", "cpu", "--dtype", "fp32"]
+    train = ["train", "--data", str(data), "--out", str(run), *tiny, "--steps", "50", "--eval-every", "40"]
+    result = runner.invoke(app, [*train, "--max-minutes", "0", "--quiet"])  # stops after its first step
+    assert result.exit_code == 0, result.output
+    assert "done at step 1" in result.output and f"checkpoints in {run}/last (resume" in result.output
+    assert (run / "last").is_dir() and not (run / "best").exists()
