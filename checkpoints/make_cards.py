@@ -66,16 +66,19 @@ CARDS = {
         ),
         "schedule": "2000 → 1300 → 1600 → 1350",
         "notes": (
-            "**This model beats lossless WebP, narrowly** (0.98× its bits/dim on the same 64 validation photos; the "
-            "issue aims for 0.90×): 2,750 CPU optimiser steps in two phases (17 M trained subpixels, about 5,500 "
-            "images' worth) are still few, and WebP is strong on these small, partly JPEG-born images. It beats PNG "
-            "and the per-channel histogram by far. For scale, ImageNet 32×32 results are 3.8–4.0 bits/dim with large "
-            "models. Fewer latents cost a lot here (4.67 bits/dim at 128 vs 4.02 at 1,024) because an image's pixels "
-            "depend on the rows just above, which fall out of the latent window when N is small. Samples at "
-            "temperature 1 are still noisy below the kept half (see samples/). Completion of the bottom half of a "
-            "photo takes well under the 30 s target (see BENCHMARKS.md). On all 213 validation photos (the report scores "
-            "the first 64), `perceiver eval --checkpoint image-v1 --data data/image --dtype fp32 --json` gives 4.391 "
-            "bits/dim (the phase-1 model: 4.891); WebP was not run on that set."
+            "**This model beats lossless WebP** (0.93× its bits/dim on the same 64 validation photos; the issue "
+            "aims for 0.90×): 4,550 CPU optimiser steps in three phases (31.7 M trained subpixels, about 10,000 "
+            "images' worth) are still few, and WebP is strong on these small, partly JPEG-born images. The third "
+            "phase took the 64-photo figure from 4.031 to 3.821 bits/dim (0.980× → 0.929× WebP). It beats PNG and "
+            "the per-channel histogram by far. For scale, ImageNet 32×32 results are 3.8–4.0 bits/dim with large "
+            "models. Fewer latents cost a lot here (4.44 bits/dim at 128 vs 3.81 at 1,024) because an image's pixels "
+            "depend on the rows just above, which fall out of the latent window when N is small; more latents than "
+            "trained do not help (2,048 gave 4.95 against 4.02 at 1,024 on 32 photos, for the phase-2 weights: "
+            "latent offsets beyond 1,023 were never trained). Samples at temperature 1 are still noisy below the "
+            "kept half (see samples/). Completion of the bottom half of a photo takes well under the 30 s target "
+            "(see BENCHMARKS.md). On all 213 validation photos (the report scores the first 64), `perceiver eval "
+            "--checkpoint image-v1 --data data/image --dtype fp32 --json` gives 4.220 bits/dim (phase 2: 4.391, "
+            "phase 1: 4.891); WebP was not run on that set."
         ),
         "prepare": "perceiver prepare image --input ../shared/data/images --out data/image --crops 4 --val-fraction 0.04",
         "report": "perceiver report -c image-v1 --eval photos-validation=data/image --train-data data/image "
@@ -166,7 +169,14 @@ LAST_PHASE_HARDWARE = {
     "image": "an AMD EPYC (Zen 4 with AVX512-BF16, 2 cores) in bf16 autocast, two threads",
 }
 LAST_PHASE = {
-    "image": "PHASE 3 NOTES",
+    "image": (
+        "First launched with `--steps 2500`; stopped with SIGTERM and resumed exactly with `--resume` twice to fit "
+        "the session, with `--steps` shortened 2500 → 2000 (at step 175) → 1800 (at step 388), both while the lr "
+        "was within 5% of its peak. During its first 170 steps it was paused (SIGSTOP) for about 15 minutes of "
+        "short decode benchmarks; otherwise it ran alone. About 94 minutes of training in 109 of wall time, "
+        "shipped at its last step, 1800 (in-training val 2.903 at the start, 2.993 after the re-warm at step 250, "
+        "2.832 at step 1000, 2.772 at step 1800)."
+    ),
     "text": (
         "Steps 0-212 on one thread beside the image training and the benchmarks, paused (SIGSTOP) for the 46 "
         "minutes of timed benchmarks; then stopped with SIGTERM and resumed exactly with `--resume` on two threads "
