@@ -135,7 +135,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
         # on a Zen 4: 8.9 vs 12.4 ms). At one row the flash kernel was as fast or faster end to end. See
         # BENCHMARKS.md "Decode per-token overhead".
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # bf16: fp32 sums
     if n == 1:  # the newest position sees everything
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     num_prefix = num_keys - n

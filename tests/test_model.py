@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from perceiver_cli import PerceiverAR, PerceiverARConfig
 from perceiver_cli.model import causal_attention, latent_loss, rotary_tables
@@ -238,3 +239,15 @@ def test_portable_chunk_attention_math_matches_the_cpu_kernels(is_causal):
     )
     for got, expected in zip(attention_backward_math(grad, q, k, v, out, lse, is_causal), kernel, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_one_query_per_row_of_a_batch_matches_the_fused_kernel(dtype, tolerance):
+    """Cached steps of a batch attend by two batched matmuls; the result is the fused kernel's."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, length, 16, generator=generator).to(dtype) for length in (1, 300, 300))
+    with torch.no_grad():
+        batched = causal_attention(q, k, v)
+        fused = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert batched.dtype == dtype
+    torch.testing.assert_close(batched.float(), fused, atol=tolerance, rtol=0)
