@@ -219,12 +219,16 @@ def card(name: str) -> str:
         (report_dir / "report.md").read_text() if (report_dir / "report.md").is_file() else "(no report yet)"
     )
     report = json.loads((report_dir / "report.json").read_text()) if (report_dir / "report.json").is_file() else {}
-    train_cmd = (
-        f"perceiver train --data data/{modality} --out runs/{modality} --context {model['max_context']} "
-        f"--latents {model['num_latents']} --d-model {model['d_model']} --heads {model['num_heads']} "
-        f"--layers {model['num_layers']} --batch-size {settings.get('batch_size')} --lr {settings.get('lr')} "
-        f"--warmup {settings.get('warmup')} --steps {settings.get('steps')}"
-    )
+
+    def first_train_command(phase: dict, steps) -> str:  # the run that sets the architecture
+        return (
+            f"perceiver train --data data/{modality} --out runs/{modality} --context {model['max_context']} "
+            f"--latents {model['num_latents']} --d-model {model['d_model']} --heads {model['num_heads']} "
+            f"--layers {model['num_layers']} --batch-size {phase.get('batch_size')} --lr {phase.get('lr')} "
+            f"--warmup {phase.get('warmup')} --steps {steps}"
+        )
+
+    train_cmd = first_train_command(settings, settings.get("steps"))
     seen = f"{training.get('tokens_seen', 0):,} input tokens"
     if modality == "image":  # images are drawn as prefixes of random length, so the full window is an upper bound
         seen = f"at most {seen} (images are drawn as prefixes of random length)"
@@ -262,13 +266,7 @@ def card(name: str) -> str:
         ]
         # runs/image, runs/image2, runs/image3, ...: each phase starts from the best checkpoint of the one before
         run_names = [modality] + [f"{modality}{index}" for index in range(2, last + 1)]
-        first = phases[0]
-        commands = [
-            train_cmd.replace(f"--steps {settings.get('steps')}", f"--steps {earlier[0]['step']}")
-            .replace(f"--batch-size {settings.get('batch_size')}", f"--batch-size {first['batch_size']}")
-            .replace(f"--lr {settings.get('lr')}", f"--lr {first['lr']}")
-            .replace(f"--warmup {settings.get('warmup')}", f"--warmup {first['warmup']}")
-        ]
+        commands = [first_train_command(phases[0], earlier[0]["step"])]
         later = [(phase, record["step"]) for phase, record in zip(phases[1:], earlier[1:], strict=True)]
         later.append((settings, settings.get("steps")))
         for index, (phase, steps) in enumerate(later, start=1):
