@@ -146,6 +146,20 @@ EARLIER_PHASES = {
                 "val 3.170 → 2.903 nats/token"
             ),
         },
+        {
+            "batch_size": 8,
+            "lr": 0.0003,
+            "warmup": 100,
+            "words": (
+                "1800 optimiser steps of batch 8 × 3,072 tokens, peak lr 0.0003, warmup 100, cosine to 0.1× over "
+                "1800 steps, gradient clipping 1.0, on an AMD EPYC (Zen 4 with AVX512-BF16, 2 cores) in bf16 "
+                "autocast, two threads; first launched with `--steps 2500`, stopped with SIGTERM and resumed "
+                "exactly with `--resume` twice, `--steps` shortened 2500 → 2000 (at step 175) → 1800 (at step "
+                "388) while the lr was within 5% of its peak; paused (SIGSTOP) for about 15 minutes of decode "
+                "benchmarks during its first 170 steps; about 94 minutes of training, in-training val 2.903 → "
+                "2.993 after the re-warm (step 250) → 2.772 nats/token"
+            ),
+        },
     ],
     "text": [
         {

@@ -12,12 +12,13 @@ the optimiser state is saved as safetensors and the rest as JSON, never pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -290,6 +291,52 @@ def evaluate_batches(model: PerceiverAR, batches, device, dtype) -> float:
     return total / max(1, count)
 
 
+class RunInUseError(FileExistsError):
+    """Another process is training into the same run directory."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on run_dir for a whole training.
+
+    Two trainings writing one run directory replace each other's checkpoints mid-save (seen here when a resume
+    was started before the stopped run had finished saving), so the second one is refused up front. The lock is
+    an OS file lock: it goes away with the process, even on SIGKILL, so a crashed run never blocks its resume.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks in the standard library; run unguarded
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / LOCK_FILE
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunInUseError(
+                f"{run_dir}: another training (pid {holder}) is writing to it; wait for it to finish or use "
+                "another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            if created and [path.name for path in run_dir.iterdir()] == [LOCK_FILE]:
+                lock_path.unlink()  # a run that failed before writing anything leaves no directory behind
+                run_dir.rmdir()
+
+
 def train(
     data_dir: Path,
     run_dir: Path,
@@ -302,7 +349,15 @@ def train(
     resume_steps: int | None = None,
 ) -> TrainResult:
     """Train on prepared data into run_dir. With resume=True the run's saved settings win over `config`, except
-    device and dtype; it trains to `resume_steps` if given, else to the run's own total."""
+    device and dtype; it trains to `resume_steps` if given, else to the run's own total. One training at a time
+    per run_dir (rank 0 holds its lock; under torchrun the other ranks write nothing there)."""
+    rank, _ = _distributed()
+    guard = run_lock(Path(run_dir)) if rank == 0 else contextlib.nullcontext()
+    with guard:
+        return _train(data_dir, run_dir, config, resume, init_from, on_progress, max_minutes, resume_steps)
+
+
+def _train(data_dir, run_dir, config, resume, init_from, on_progress, max_minutes, resume_steps) -> TrainResult:
     rank, world = _distributed()
     device = resolve_device(config.device)
     if device.type == "cuda" and world > 1:

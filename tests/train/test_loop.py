@@ -13,7 +13,7 @@ import torch
 from perceiver_cli.checkpoint import load_checkpoint, save_checkpoint
 from perceiver_cli.model import PerceiverAR, PerceiverARConfig
 from perceiver_cli.train.config import TrainConfig, load_train_config
-from perceiver_cli.train.loop import learning_rate, train
+from perceiver_cli.train.loop import RunInUseError, learning_rate, run_lock, train
 
 TINY = dict(
     context=64,
@@ -96,6 +96,37 @@ def test_a_second_run_into_the_same_folder_needs_resume(music_data, tmp_path):
 def test_resume_without_a_checkpoint_is_a_clear_error(music_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(music_data, tmp_path / "empty", tiny(steps=2), resume=True)
+    assert not (tmp_path / "empty").exists()  # the failed start leaves no directory (nor its lock file) behind
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="run directories are locked with fcntl")
+def test_a_second_training_into_a_busy_run_directory_is_refused(music_data, tmp_path):
+    run = tmp_path / "run"
+    train(music_data, run, tiny(steps=2))
+    # another process holds the run (a stopped run still saving, say): the resume must not write into it
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+            str(run / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (run / "last" / "trainer.json").read_text()
+        with pytest.raises(RunInUseError, match="another training"):
+            train(music_data, run, tiny(steps=4), resume=True, resume_steps=4)
+        assert (run / "last" / "trainer.json").read_text() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(music_data, run, tiny(steps=4), resume=True, resume_steps=4).step == 4  # lock gone with it
+    with run_lock(run):  # and the run released its own lock when it finished
+        pass
 
 
 def test_init_from_a_checkpoint_continues_from_its_weights(music_data, tmp_path):
