@@ -309,7 +309,7 @@ def report_command(
         Path, typer.Option("--train-data", help="Prepared dir whose train split fits the baselines.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json, report.md and the plots.")],
-    max_documents: Annotated[int, typer.Option(help="Documents per eval set.")] = 16,
+    max_documents: Annotated[int, typer.Option(help="First N documents of each eval set (0 = all).")] = 16,
     max_document_tokens: Annotated[int, typer.Option(help="First N tokens of each document (0 = all).")] = 8192,
     latents: Annotated[
         list[int] | None, typer.Option("--latents", help="Latent counts to sweep (repeatable).")
@@ -344,7 +344,7 @@ def report_command(
         checkpoint,
         sets,
         train_data,
-        max_documents=max_documents,
+        max_documents=max_documents or None,
         max_document_tokens=max_document_tokens or None,
         latents=latents,
         contexts=contexts,

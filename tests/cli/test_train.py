@@ -53,7 +53,8 @@ def test_prepare_train_eval_report_export(app, midi_dir, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["files"]["val"] >= 1
+    val_files = json.loads(result.output)["files"]["val"]
+    assert val_files >= 1
 
     run = tmp_path / "run"
     result = runner.invoke(
@@ -135,9 +136,11 @@ def test_prepare_train_eval_report_export(app, midi_dir, tmp_path):
     result = runner.invoke(app, again)
     assert result.exit_code == 6 and "use --force" in result.output
     assert json.loads((report_dir / "report.json").read_text()) == report
-    result = runner.invoke(app, [*again, "--force"])
+    result = runner.invoke(app, [*again[:-3], "--max-documents", "0", "--quiet", "--force"])  # 0 = all
     assert result.exit_code == 0, result.output
-    assert [row["latents"] for row in json.loads((report_dir / "report.json").read_text())["latents"]] == [4]
+    forced = json.loads((report_dir / "report.json").read_text())
+    assert [row["latents"] for row in forced["latents"]] == [4]
+    assert forced["sets"]["val"]["documents"] == val_files
 
     shipped = tmp_path / "shipped" / "mine-v1"
     result = runner.invoke(
