@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -102,17 +101,6 @@ def test_real_photo_round_trip_exact():
     assert codec.encode(codec.decode(tokens)).tolist() == tokens.tolist()
     info = codec.inspect(PHOTO)
     assert (info["width"], info["height"], info["mode"], info["format"]) == (512, 600, "RGB", "JPEG")
-
-
-def test_encode_64x64_is_fast(tmp_path):
-    path = tmp_path / "x.png"
-    Image.fromarray(rgb(64, 64)).save(path)
-    codec = ImageCodec(64, 64)
-    codec.encode(path)
-    t = time.perf_counter()
-    for _ in range(10):
-        codec.encode(path)
-    assert (time.perf_counter() - t) / 10 < 0.05  # target 10 ms; lenient bound
 
 
 # -- partial and over-long sequences ------------------------------------------------------------------------------

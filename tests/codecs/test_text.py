@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -157,13 +156,11 @@ def test_decode_skips_bos_eos_and_checks_range(codec):
         codec.decode([9999])
 
 
-def test_one_megabyte_encodes_fast(codec):
+def test_one_megabyte_round_trips(codec):
+    # its encode time is measured by `perceiver bench --codecs`, not here (timed tests flake on busy machines)
     text = "\n".join(corpus_lines(20_000, seed=2))
     text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
-    t = time.perf_counter()
-    tokens = codec.encode(text)
-    assert time.perf_counter() - t < 3.0  # about 0.1 s measured with this tiny vocabulary; lenient bound
-    assert codec.decode(tokens) == text
+    assert codec.decode(codec.encode(text)) == text
 
 
 # -- files and config ---------------------------------------------------------------------------------------------
