@@ -82,7 +82,7 @@ CARDS = {
         ),
         "prepare": "perceiver prepare image --input ../shared/data/images --out data/image --crops 4 --val-fraction 0.04",
         "report": "perceiver report -c image-v1 --eval photos-validation=data/image --train-data data/image "
-        "--out checkpoints/image-v1/report --force --max-documents 64 --latents 128 --latents 256 --latents 512 "
+        "--out checkpoints/image-v1/report --force --max-documents 0 --latents 128 --latents 256 --latents 512 "
         "--latents 1024",
     },
     "text": {
