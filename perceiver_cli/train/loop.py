@@ -357,7 +357,17 @@ def train(
         return _train(data_dir, run_dir, config, resume, init_from, on_progress, max_minutes, resume_steps)
 
 
-def _train(data_dir, run_dir, config, resume, init_from, on_progress, max_minutes, resume_steps) -> TrainResult:
+def _train(
+    data_dir: Path,
+    run_dir: Path,
+    config: TrainConfig,
+    resume: bool,
+    init_from: str | Path | None,
+    on_progress: Callable[[dict], None] | None,
+    max_minutes: float | None,
+    resume_steps: int | None,
+) -> TrainResult:
+    """The body of `train`, run while rank 0 holds the run directory's lock."""
     rank, world = _distributed()
     device = resolve_device(config.device)
     if device.type == "cuda" and world > 1:
