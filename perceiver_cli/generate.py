@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .device import cpu_has_fast_bf16
 from .model import PerceiverAR
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,48 +150,72 @@ def window_schedule(
 # Cached decoding
 
 
+def onednn_linear_available() -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(mkldnn, "_reorder_linear_weight")
+        and hasattr(mkldnn, "_linear_pointwise")
+    )
+
+
 class StepLinear(nn.Module):
     """nn.Linear (no bias) for cached steps on a CPU: the same weights, read the way few rows read them fastest.
 
-    Measured with MKL on an AMD EPYC (Zen 3, 2 threads, the 101 MB of the bench config's layer weights):
-    F.linear took 11.8 / 19.3 / 25.8 ms for 1 / 4 / 16 rows, weight @ x.T took 11.2 / 9.2 / 16.6 ms, so
-    more than one row uses the second form. With `dtype=torch.bfloat16` one row took 4.4 ms (half the bytes,
-    and the BLAS converts on the fly); several bf16 rows are slower than fp32 there, so callers use bf16
-    weights for batch 1 only (see `step_weights_dtype`).
+    A step multiplies 1-16 rows by every weight matrix once, so its speed is how fast the kernel streams the
+    weights. MKL's gemv behind F.linear streams the bench config's 512-wide layer matrices at only ~13 GB/s
+    where one matvec over a single wide matrix reaches ~24 GB/s on the same Zen 4, so where PyTorch has oneDNN
+    the weights are prepacked once for `rows` rows into oneDNN's blocked layout (what inductor's CPU freezing
+    pass does): the 113 MB of layer weights took 4.8 ms for 1 row and 5.7 ms for 16 in fp32 against 8.1 and
+    12.3 ms before, 2.1 / 3.0 ms in bf16 (see BENCHMARKS.md "Decode per-token overhead"). fp32 weights stay
+    fp32 arithmetic: only the order of the sums changes, as between any two BLAS kernels. Without oneDNN the
+    older forms remain: F.linear for one row, weight @ x.T for several (1.5-2x faster than F.linear there).
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, rows: int = 1):
         super().__init__()
         assert linear.bias is None
-        self.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+        weight = linear.weight.detach().to(dtype)
+        self.packed: Tensor | None = None
+        if weight.device.type == "cpu" and onednn_linear_available():
+            # an opaque oneDNN tensor (not a parameter: it is never saved, trained or copied)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, max(1, rows))
+        self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
-        out = F.linear(rows, self.weight) if rows.shape[0] == 1 else (self.weight @ rows.T).T
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
+        else:
+            out = F.linear(rows, self.weight) if rows.shape[0] == 1 else (self.weight @ rows.T).T
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-def step_model(model: PerceiverAR, dtype: torch.dtype) -> PerceiverAR:
-    """A copy of `model` for cached steps: every parameter shared, except each nn.Linear becomes a StepLinear
-    (with `dtype` weights: a second copy of the linear weights when that differs from the model's)."""
+def step_model(model: PerceiverAR, dtype: torch.dtype, rows: int = 1) -> PerceiverAR:
+    """A copy of `model` for cached steps of `rows` rows: every parameter shared, except each nn.Linear becomes
+    a StepLinear with `dtype` weights (packed for oneDNN where available; a copy of the weights either way
+    when `dtype` differs from the model's)."""
     shared = {id(parameter): parameter for parameter in model.parameters()}
     clone = copy.deepcopy(model, memo=shared)
     for module in list(clone.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, StepLinear(child, dtype))
+                setattr(module, child_name, StepLinear(child, dtype, rows))
     return clone
 
 
 def step_weights_dtype(device: torch.device, batch: int, compute: torch.dtype) -> torch.dtype | None:
     """The weights the cached steps use, or None for the model itself (CUDA: autocast already does well).
 
-    On a CPU a batch-1 step streams bf16 weights ~2.5x faster than fp32 ones on every x86 CPU measured here
-    (the cost is memory, not arithmetic); fp32 compute keeps fp32 weights for several rows (see StepLinear).
+    A CPU step streams bf16 weights about twice as fast as fp32 ones (the cost is memory, not arithmetic), at
+    a quality cost measured at <0.01% of held-out bits (BENCHMARKS.md). One row uses them on every x86 CPU
+    measured here; several rows only where bf16 arithmetic is fast (avx512_bf16/AMX: 16 rows 422-444 vs
+    347-372 tokens/s on a Zen 4), since on an AVX2-only CPU several bf16 rows were slower than fp32.
     """
     if device.type != "cpu":
         return None
-    return torch.bfloat16 if batch == 1 or compute == torch.bfloat16 else torch.float32
+    fast = batch == 1 or compute == torch.bfloat16 or cpu_has_fast_bf16()
+    return torch.bfloat16 if fast else torch.float32
 
 
 class DecodeState:
@@ -225,12 +250,16 @@ class DecodeState:
 
     def _allocate(self, like: Tensor) -> None:
         c = self.model.config
-        shape = (self.batch, c.num_heads, self.cross_capacity, c.head_dim)
-        self.cross_key = like.new_empty(shape)
-        self.cross_value = like.new_empty(shape)
-        latent_shape = (self.batch, c.num_heads, self.latent_capacity, c.head_dim)
-        self.latent_keys = [like.new_empty(latent_shape) for _ in self.model.layers]
-        self.latent_values = [like.new_empty(latent_shape) for _ in self.model.layers]
+
+        def cache(capacity: int) -> Tensor:
+            # Stored (B, H, Dh, capacity) and handed out as a (B, H, capacity, Dh) view: a cached step's
+            # attention is one query per row, and q @ K^T and p @ V stream this layout ~1.3x faster than the
+            # (T, Dh) one, whose 64-float rows make the BLAS do a short reduction per key.
+            return like.new_empty(self.batch, c.num_heads, c.head_dim, capacity).transpose(-1, -2)
+
+        self.cross_key, self.cross_value = cache(self.cross_capacity), cache(self.cross_capacity)
+        self.latent_keys = [cache(self.latent_capacity) for _ in self.model.layers]
+        self.latent_values = [cache(self.latent_capacity) for _ in self.model.layers]
 
     def _positions(self, start: int, end: int) -> Tensor:
         return torch.arange(start, end, device=self.device)[None]  # (1, T)

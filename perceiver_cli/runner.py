@@ -51,7 +51,7 @@ _SUFFIXES = {"music": ".mid", "image": ".png", "text": ".txt"}
 @dataclass
 class Loaded:
     """A checkpoint ready to sample from: fp32 weights on `device`, `dtype` the autocast compute dtype;
-    `exact`: fp32 was asked for, so cached steps use the model's own weights too (no bf16 step weights)."""
+    `exact`: fp32 was asked for, so cached CPU steps keep fp32 weights too (no bf16 step weights)."""
 
     model: PerceiverAR
     codec: Codec
@@ -60,14 +60,17 @@ class Loaded:
     path: Path
     meta: dict = field(default_factory=dict)
     exact: bool = False
-    steppers: dict = field(default_factory=dict)  # step dtype -> generate.step_model, built once
+    steppers: dict = field(default_factory=dict)  # (step dtype, rows) -> generate.step_model, built once
 
     def stepper(self, batch: int) -> PerceiverAR | None:
         """The model cached decode steps run on (generate.step_weights_dtype), None for the model itself."""
-        dtype = None if self.exact else step_weights_dtype(self.device, batch, self.dtype)
-        if dtype is not None and dtype not in self.steppers:
-            self.steppers[dtype] = step_model(self.model, dtype)
-        return self.steppers.get(dtype)
+        dtype = step_weights_dtype(self.device, batch, self.dtype)
+        if dtype is None:
+            return None
+        dtype = torch.float32 if self.exact else dtype
+        if (dtype, batch) not in self.steppers:
+            self.steppers[dtype, batch] = step_model(self.model, dtype, batch)
+        return self.steppers[dtype, batch]
 
     @property
     def name(self) -> str:

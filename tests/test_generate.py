@@ -1,7 +1,10 @@
 """Generation: the window schedule (pure), cache exactness against full forwards, sampling filters, seeding."""
 
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from perceiver_cli import PerceiverAR, PerceiverARConfig, generate, generate_stream, window_schedule
 from perceiver_cli.generate import (
@@ -9,6 +12,7 @@ from perceiver_cli.generate import (
     StepLinear,
     Window,
     next_window,
+    onednn_linear_available,
     prompt_window,
     sample_next,
     step_model,
@@ -93,7 +97,7 @@ def test_cached_logits_equal_full_forward_at_every_step(model, prompt_length, nu
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fp32_step_model_gives_the_exact_logits(model, batch):
-    """StepLinear only changes how few rows read the weights (F.linear for one row, weight @ x.T for more)."""
+    """fp32 StepLinears only change the kernel that reads the weights, not the arithmetic."""
     prompt = torch.randint(0, 29, (batch, 20), generator=torch.Generator().manual_seed(batch))
     options = SamplingOptions(temperature=0)
     exact = list(generate_stream(model, prompt, 60, options))
@@ -101,6 +105,22 @@ def test_fp32_step_model_gives_the_exact_logits(model, batch):
     assert any(not step.window.refill for step in stepped)
     for a, b in zip(exact, stepped, strict=True):
         torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0)])
+def test_step_linear_computes_the_linear_layer(rows, dtype, tolerance):
+    """Prepacked for oneDNN where PyTorch has it: the same product as F.linear over the same weights."""
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 200, bias=False)
+    step = StepLinear(linear, dtype, rows)
+    assert (step.packed is not None) == onednn_linear_available()
+    x = torch.randn(rows, 1, 96)
+    expected = F.linear(x.to(dtype).float(), linear.weight.to(dtype).float())
+    got = step(x)
+    assert got.shape == (rows, 1, 200) and got.dtype == torch.float32
+    # bf16: products of bf16 values are exact in fp32; only the order and precision of the sums differ
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=tolerance or 2e-2)
 
 
 def test_bf16_step_weights_stay_close_and_leave_the_model_alone(model):
@@ -119,10 +139,13 @@ def test_bf16_step_weights_stay_close_and_leave_the_model_alone(model):
         assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
 
 
-def test_step_weights_policy():
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_step_weights_policy(monkeypatch, fast_bf16):
+    module = sys.modules[step_weights_dtype.__module__]  # perceiver_cli.generate is also a function's name
+    monkeypatch.setattr(module, "cpu_has_fast_bf16", lambda: fast_bf16)
     cpu = torch.device("cpu")
     assert step_weights_dtype(cpu, 1, torch.float32) == torch.bfloat16
-    assert step_weights_dtype(cpu, 16, torch.float32) == torch.float32
+    assert step_weights_dtype(cpu, 16, torch.float32) == (torch.bfloat16 if fast_bf16 else torch.float32)
     assert step_weights_dtype(cpu, 16, torch.bfloat16) == torch.bfloat16
     assert step_weights_dtype(torch.device("cuda"), 1, torch.float32) is None
 

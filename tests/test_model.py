@@ -241,6 +241,22 @@ def test_portable_chunk_attention_math_matches_the_cpu_kernels(is_causal):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("queries", [1, 5, 40])
+def test_attention_over_keys_stored_transposed(queries):
+    """Decoding caches are (B, H, Dh, T) storage seen as (B, H, T, Dh): every attention path must read them
+    right (the CPU flash kernel assumes a unit stride along Dh and returned NaN before it was given a copy)."""
+    generator = torch.Generator().manual_seed(queries)
+    q = torch.randn(2, 3, queries, 16, generator=generator)
+    k_storage, v_storage = (torch.randn(2, 3, 16, 70, generator=generator) for _ in range(2))
+    k, v = k_storage[..., :60].transpose(-1, -2), v_storage[..., :60].transpose(-1, -2)
+    assert k.stride(-1) != 1
+    with torch.no_grad():
+        got = causal_attention(q, k, v)
+        expected = causal_attention(q, k.contiguous(), v.contiguous())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_one_query_per_row_of_a_batch_matches_the_fused_kernel(dtype, tolerance):
     """Cached steps of a batch attend by two batched matmuls; the result is the fused kernel's."""

@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pretty_midi
 import pytest
+import torch
 from PIL import Image
 
 from perceiver_cli import runner
 from perceiver_cli.checkpoint import CheckpointError
 from perceiver_cli.codecs import CodecError
 from perceiver_cli.codecs.music import duration_seconds
+from perceiver_cli.generate import StepLinear
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,18 @@ def test_load_keeps_fp32_weights_and_reports_compute_dtype(music_checkpoint):
     assert str(loaded.model.embedding.weight.dtype) == "torch.float32"
     assert str(loaded.dtype) == "torch.bfloat16"
     assert loaded.name == "tiny-music" and loaded.modality == "music"
+
+
+def test_fp32_keeps_fp32_step_weights_and_auto_may_use_bf16(music_checkpoint):
+    """--dtype fp32 decodes with fp32 StepLinears (fp32 arithmetic, a faster kernel); auto may round to bf16."""
+    exact = runner.load(music_checkpoint, "music", device="cpu", dtype="fp32")
+    for batch in (1, 4):
+        stepper = exact.stepper(batch)
+        linears = [m for m in stepper.modules() if isinstance(m, StepLinear)]
+        assert linears and all(m.weight.dtype == torch.float32 for m in linears)
+        assert exact.stepper(batch) is stepper  # built once per batch size
+    auto = runner.load(music_checkpoint, "music", device="cpu", dtype="auto")
+    assert {m.weight.dtype for m in auto.stepper(1).modules() if isinstance(m, StepLinear)} == {torch.bfloat16}
 
 
 def test_load_refuses_a_checkpoint_of_another_modality(text_checkpoint):

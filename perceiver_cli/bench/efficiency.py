@@ -1,16 +1,18 @@
 """`perceiver bench --efficiency`: the bench config measured against this machine's own limits, in one run.
 
 Limits: GEMM peak (best 2048x2048 matmul, fp32 and bf16) and weight-streaming bandwidth (one matrix-vector
-product over a tensor as large as the model's weights), each measured at the start and again at the end of the
-run; the higher of the two is the limit, so a slow moment of the VM at the start never flatters a fraction.
+product over a tensor as large as the model's weights, by the fastest matvec kernel available), each measured at
+the start and again at the end of the run; the higher of the two is the limit, so a slow moment of the VM at the
+start never flatters a fraction. A plain sum's read bandwidth is recorded beside it for comparison.
 Then, for the bench config of core.py:
   prefill / training step at 16k: achieved FLOP/s over the GEMM peak, FLOPs counted analytically by
       PerceiverAR.flops_per_token (2 per multiply-add; a training step counts 3x the forward);
   cached decode after a 4,096-token prompt at batch 1 and 16, over one whole refill cycle (N - R cached steps
       and their one refill): the steady rate of the cached steps over the streaming ceiling, where each step
       must read every weight once plus, per row, the cross-attention cache and the latent caches it attends
-      to; and the rate with the refill included. Once with the model itself (exact fp32) and once with the
-      weights `generate` picks for cached CPU steps (`step_weights_dtype`).
+      to; and the rate with the refill included. Three times: with the model's own nn.Linear layers, with the
+      fp32 StepLinears `--dtype fp32` decodes with, and with the step weights `--dtype auto` picks on this CPU
+      (`step_weights_dtype`).
 bf16 rows run only where bf16 matmuls are fast (`cpu_has_fast_bf16`) unless asked for: elsewhere a bf16 GEMM
 runs ~100x slower than fp32 and one bf16 training step at 16k would take hours.
 """
@@ -22,7 +24,7 @@ import time
 import torch
 
 from ..device import autocast, cpu_has_fast_bf16
-from ..generate import SamplingOptions, generate_stream, step_model, step_weights_dtype
+from ..generate import SamplingOptions, generate_stream, onednn_linear_available, step_model, step_weights_dtype
 from ..model import PerceiverAR, latent_loss
 from .core import VOCAB, bench_config, best_time
 
@@ -33,11 +35,24 @@ def gemm_peak(dtype: torch.dtype, size: int = 2048) -> float:
 
 
 def streaming_bandwidth(num_elements: int) -> float:
-    """Bytes per second of one fp32 matvec over `num_elements` weights (the decode-time access pattern)."""
+    """Bytes per second of one fp32 matvec over `num_elements` weights (the decode-time access pattern), by the
+    fastest of the kernels a step may use: MKL's gemv behind F.linear and oneDNN's on prepacked weights
+    (generate.StepLinear). A ceiling from a slower kernel than the steps use would flatter every fraction."""
     rows = 4096
     weight = torch.randn(rows, num_elements // rows)
-    vector = torch.randn(num_elements // rows)
-    return weight.numel() * 4 / best_time(lambda: weight @ vector, repeats=10)
+    vector = torch.randn(1, num_elements // rows)
+    kernels = [lambda: torch.nn.functional.linear(vector, weight)]
+    if onednn_linear_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(vector, packed, None, "none", [], ""))
+    return max(weight.numel() * 4 / best_time(kernel, repeats=10) for kernel in kernels)
+
+
+def read_bandwidth(num_elements: int) -> float:
+    """Bytes per second of a plain sum over `num_elements` fp32 values: what the memory gives one streaming read
+    with no matrix structure, for comparison (the decode ceiling uses `streaming_bandwidth`, a matvec)."""
+    values = torch.randn(num_elements)
+    return values.numel() * 4 / best_time(values.sum, repeats=10)
 
 
 def decode_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int = 4096) -> dict:
@@ -46,7 +61,7 @@ def decode_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, p
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
     prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
     stamps, windows = [], []
-    stepper = None if step_dtype is None else step_model(model, step_dtype)
+    stepper = None if step_dtype is None else step_model(model, step_dtype, batch)
     stream = generate_stream(model, prompt, cycle + 2, SamplingOptions(temperature=0), stepper=stepper)
     for step in stream:  # token 1 is the prompt's prefill; the cycle's refill and cached steps follow
         stamps.append(time.perf_counter())
@@ -62,7 +77,7 @@ def decode_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, p
     rate = batch / step_seconds
     return {
         "batch": batch,
-        "step_weights": "model (exact)" if step_dtype is None else str(step_dtype).removeprefix("torch."),
+        "step_weights": "model (nn.Linear)" if step_dtype is None else str(step_dtype).removeprefix("torch."),
         "tokens_per_s": rate,
         "ceiling_tokens_per_s": ceiling,
         "fraction_of_ceiling": rate / ceiling,
@@ -154,8 +169,13 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
         }
         log(f"{name}: prefill {results[f'prefill_{name}']}, train {results[f'train_{name}']}")
     model.eval()
+    # "model": the model's own nn.Linear layers; "fp32": the fp32 StepLinears `--dtype fp32` decodes with;
+    # "auto": the step weights `--dtype auto` picks on this CPU
+    results["read_bandwidth_gb_s"] = read_bandwidth(parameters) / 1e9
     for batch in (1, 16):
-        for label, step_dtype in (("exact", None), ("auto", step_weights_dtype(device, batch, torch.float32))):
+        auto = step_weights_dtype(device, batch, torch.float32)  # decoding on a CPU computes in fp32
+        steps = [("model", None), ("fp32", torch.float32)] + ([("auto", auto)] if auto != torch.float32 else [])
+        for label, step_dtype in steps:
             result = decode_cycle(model, batch, step_dtype, bandwidth)
             results[f"decode_batch{batch}_{label}"] = result
             log(f"decode batch {batch} ({label}): {result}")
