@@ -12,10 +12,11 @@ position, and kept in a preallocated buffer; a refill reuses them and only rerun
 `use_cache=False` recomputes every step with a full forward over exactly the same window: the reference
 the cached path is tested against.
 
-A cached step is matrix-vector work: each weight is read once for a few rows, so its speed is memory
-bandwidth. On CPUs the steps therefore run on a copy of the model whose linear layers are `StepLinear`s
-(below): the weight layout the BLAS streams fastest for few rows, and optionally bf16 copies of the weights,
-which halve the bytes per step. Refills and the prompt's prefill are matrix-matrix work and use the model.
+A cached step is matrix-vector work: each weight and cached key/value is read once for a few rows, so its
+speed is memory bandwidth. On CPUs the steps therefore run on a copy of the model whose linear layers are
+`StepLinear`s (below): weights prepacked for the kernel that streams them fastest for few rows, optionally as
+bf16 copies, which halve the bytes per step; and the caches are stored transposed, the layout one query per
+row reads fastest. Refills and the prompt's prefill are matrix-matrix work and use the model.
 """
 
 from __future__ import annotations

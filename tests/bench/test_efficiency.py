@@ -1,0 +1,29 @@
+"""`perceiver bench --efficiency` end to end on a tiny config: every row, and limits measured three times."""
+
+import perceiver_cli.bench.efficiency as efficiency
+from perceiver_cli.model import PerceiverARConfig
+
+
+def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatch):
+    monkeypatch.setattr(efficiency, "VOCAB", 64)
+    monkeypatch.setattr(
+        efficiency,
+        "bench_config",
+        lambda context: PerceiverARConfig(
+            vocab_size=64, max_context=4096, num_latents=32, d_model=32, num_heads=2, num_layers=1
+        ),
+    )
+    results = efficiency.run(context=256, bf16=False, log=lambda line: None)
+    assert set(results["gemm_peak_gflops"]) == {"fp32"}
+    for when in ("middle", "end"):  # the denominators are the highest of the three measurements
+        assert results["gemm_peak_gflops"]["fp32"] >= results[f"gemm_peak_gflops_{when}"]["fp32"]
+        assert results["bandwidth_gb_s"] >= results[f"bandwidth_gb_s_{when}"]
+    for kind in ("prefill_fp32", "train_fp32"):
+        assert 0 < results[kind]["fraction_of_peak"] and results[kind]["seconds"] > 0
+    for batch in (1, 16):
+        fp32 = results[f"decode_batch{batch}_fp32"]
+        assert results[f"decode_batch{batch}_model"]["step_weights"] == "model (nn.Linear)"
+        assert fp32["step_weights"] == "float32" and fp32["cached_steps"] == 16  # N - R steps of one cycle
+        ceiling = results["bandwidth_gb_s"] * 1e9 / fp32["bytes_per_step"] * batch
+        assert abs(fp32["ceiling_tokens_per_s"] - ceiling) < 1e-6 * ceiling
+    assert results["read_bandwidth_gb_s"] > 0
