@@ -15,8 +15,8 @@ the cached path is tested against.
 A cached step is matrix-vector work: each weight and cached key/value is read once for a few rows, so its
 speed is memory bandwidth. On CPUs the steps therefore run on a copy of the model whose linear layers are
 `StepLinear`s (below): weights prepacked for the kernel that streams them fastest for few rows, optionally as
-bf16 copies, which halve the bytes per step; and the caches are stored transposed, the layout one query per
-row reads fastest. Refills and the prompt's prefill are matrix-matrix work and use the model.
+bf16 copies, which halve the bytes per step; and the cross-attention cache is stored transposed, the layout
+one query per row reads fastest. Refills and the prompt's prefill are matrix-matrix work and use the model.
 """
 
 from __future__ import annotations
@@ -252,15 +252,20 @@ class DecodeState:
     def _allocate(self, like: Tensor) -> None:
         c = self.model.config
 
-        def cache(capacity: int) -> Tensor:
+        def transposed(capacity: int) -> Tensor:
             # Stored (B, H, Dh, capacity) and handed out as a (B, H, capacity, Dh) view: a cached step's
             # attention is one query per row, and q @ K^T and p @ V stream this layout ~1.3x faster than the
             # (T, Dh) one, whose 64-float rows make the BLAS do a short reduction per key.
             return like.new_empty(self.batch, c.num_heads, c.head_dim, capacity).transpose(-1, -2)
 
-        self.cross_key, self.cross_value = cache(self.cross_capacity), cache(self.cross_capacity)
-        self.latent_keys = [cache(self.latent_capacity) for _ in self.model.layers]
-        self.latent_values = [cache(self.latent_capacity) for _ in self.model.layers]
+        # Only the cross-attention cache (~4,100 keys, one write per step) is transposed. Each step also writes
+        # one key and value into every latent layer's cache, one float per cache line in the transposed layout:
+        # with the latent caches transposed too, batch-16 steps were level in fp32 and 5-26% slower with bf16
+        # step weights (four alternated rounds; BENCHMARKS.md "Decode per-token overhead").
+        latent_shape = (self.batch, c.num_heads, self.latent_capacity, c.head_dim)
+        self.cross_key, self.cross_value = transposed(self.cross_capacity), transposed(self.cross_capacity)
+        self.latent_keys = [like.new_empty(latent_shape) for _ in self.model.layers]
+        self.latent_values = [like.new_empty(latent_shape) for _ in self.model.layers]
 
     def _positions(self, start: int, end: int) -> Tensor:
         return torch.arange(start, end, device=self.device)[None]  # (1, T)
