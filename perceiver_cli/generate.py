@@ -22,6 +22,8 @@ one query per row reads fastest. Refills and the prompt's prefill are matrix-mat
 from __future__ import annotations
 
 import copy
+import functools
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -151,10 +153,13 @@ def window_schedule(
 # Cached decoding
 
 
+@functools.cache
 def onednn_linear_available() -> bool:
+    """Whether StepLinear prepacks for oneDNN: PyTorch built with it, on x86 (the only CPUs it was measured on)."""
     mkldnn = getattr(torch.ops, "mkldnn", None)
     return (
-        torch.backends.mkldnn.is_available()
+        platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
+        and torch.backends.mkldnn.is_available()
         and hasattr(mkldnn, "_reorder_linear_weight")
         and hasattr(mkldnn, "_linear_pointwise")
     )
@@ -165,7 +170,7 @@ class StepLinear(nn.Module):
 
     A step multiplies 1-16 rows by every weight matrix once, so its speed is how fast the kernel streams the
     weights. MKL's gemv behind F.linear streams the bench config's 512-wide layer matrices at only ~13 GB/s
-    where one matvec over a single wide matrix reaches ~24 GB/s on the same Zen 4, so where PyTorch has oneDNN
+    where one matvec over a single wide matrix reaches ~24 GB/s on the same Zen 4, so on x86 with oneDNN
     the weights are prepacked once for `rows` rows into oneDNN's blocked layout (what inductor's CPU freezing
     pass does): the 113 MB of layer weights took 4.8 ms for 1 row and 5.7 ms for 16 in fp32 against 8.1 and
     12.3 ms before, 2.1 / 3.0 ms in bf16 (see BENCHMARKS.md "Decode per-token overhead"). fp32 weights stay
