@@ -115,7 +115,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _cpu_flash_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
-    # the CPU kernel assumes unit stride along the head dimension (decoding caches are stored transposed)
+    # the CPU kernel assumes unit stride along the head dimension (generate.DecodeState's cross-attention cache
+    # is stored transposed)
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=is_causal)[:2]
     return out, lse  # (B, H, n, Dh), (B, H, n)
@@ -134,7 +135,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
     if n == 1 and q.device.type == "cpu" and not needs_grad and dropout_p == 0.0:
         # A cached decoding step: one query per row reads its whole cache once. Two batched matmuls read it
         # faster than the CPU flash kernel, built for blocks of queries (16 rows over 4,100 cached keys on a
-        # Zen 4: 8.9 vs 12.4 ms), the more so from the transposed caches generate.DecodeState keeps. See
+        # Zen 4: 8.9 vs 12.4 ms), the more so from the transposed cross-attention cache of generate.DecodeState. See
         # BENCHMARKS.md "Decode per-token overhead".
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
         return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # bf16: fp32 sums

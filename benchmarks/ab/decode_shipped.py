@@ -6,22 +6,12 @@ import sys
 import time
 
 import torch
+from _before import generation as G
+from _before import step_model, use_caches
 
 from perceiver_cli import runner
 
-G = sys.modules["perceiver_cli.generate"]
 torch.set_num_threads(2)
-new_alloc = G.DecodeState._allocate
-
-
-def old_alloc(self, like):
-    c = self.model.config
-    shape = (self.batch, c.num_heads, self.cross_capacity, c.head_dim)
-    self.cross_key = like.new_empty(shape)
-    self.cross_value = like.new_empty(shape)
-    ls = (self.batch, c.num_heads, self.latent_capacity, c.head_dim)
-    self.latent_keys = [like.new_empty(ls) for _ in self.model.layers]
-    self.latent_values = [like.new_empty(ls) for _ in self.model.layers]
 
 
 def run(model, stepper, batch, n_new=600, prompt_len=2048):
@@ -47,14 +37,10 @@ for rnd in range(2):
         for dt in (torch.float32, torch.bfloat16):
             out = []
             for label in ("old", "new"):
-                G.DecodeState._allocate = old_alloc if label == "old" else new_alloc
-                st = G.step_model(m, dt, batch)
-                if label == "old":
-                    for mod in st.modules():
-                        if isinstance(mod, G.StepLinear):
-                            mod.packed = None
+                use_caches(before=label == "old")
+                st = step_model(m, dt, batch, before=label == "old")
                 out.append(f"{label} {run(m, st, batch):.0f}")
             if dt == torch.float32:
-                G.DecodeState._allocate = old_alloc
+                use_caches(before=True)
                 out.append(f"old-model {run(m, None, batch):.0f}")
             print(name, rnd, "batch", batch, dt, " ".join(out), flush=True)

@@ -100,24 +100,26 @@ def _step_weight_bytes(model: PerceiverAR, step_dtype) -> float:
     return total
 
 
-def use_higher_limits(results: dict, peaks_end: dict[str, float], bandwidth_end: float, when: str = "end") -> None:
+def use_higher_limits(
+    results: dict, peaks_again: dict[str, float], bandwidth_again: float, when: str = "end"
+) -> None:
     """Record the limits measured again `when` ("middle", "end"); where one is higher than the limit so far, it
     becomes the denominator of every fraction that used it (FLOP/s and bytes/s in, as `run` measures them)."""
-    results[f"gemm_peak_gflops_{when}"] = {name: peak / 1e9 for name, peak in peaks_end.items()}
-    results[f"bandwidth_gb_s_{when}"] = bandwidth_end / 1e9
-    for name, peak in peaks_end.items():
-        start = results["gemm_peak_gflops"][name] * 1e9
-        if peak > start:
+    results[f"gemm_peak_gflops_{when}"] = {name: peak / 1e9 for name, peak in peaks_again.items()}
+    results[f"bandwidth_gb_s_{when}"] = bandwidth_again / 1e9
+    for name, peak in peaks_again.items():
+        so_far = results["gemm_peak_gflops"][name] * 1e9
+        if peak > so_far:
             results["gemm_peak_gflops"][name] = peak / 1e9
             for kind in ("prefill", "train"):
-                results[f"{kind}_{name}"]["fraction_of_peak"] *= start / peak
-    start = results["bandwidth_gb_s"] * 1e9
-    if bandwidth_end > start:
-        results["bandwidth_gb_s"] = bandwidth_end / 1e9
+                results[f"{kind}_{name}"]["fraction_of_peak"] *= so_far / peak
+    so_far = results["bandwidth_gb_s"] * 1e9
+    if bandwidth_again > so_far:
+        results["bandwidth_gb_s"] = bandwidth_again / 1e9
         for key, entry in results.items():
-            if key.startswith("decode_"):
-                entry["ceiling_tokens_per_s"] *= bandwidth_end / start
-                entry["fraction_of_ceiling"] *= start / bandwidth_end
+            if key.so_farswith("decode_"):
+                entry["ceiling_tokens_per_s"] *= bandwidth_again / so_far
+                entry["fraction_of_ceiling"] *= so_far / bandwidth_again
 
 
 def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=print) -> dict:

@@ -108,7 +108,7 @@ def test_efficiency_keeps_the_higher_of_the_start_and_end_limits():
         "decode_batch1_fp32": {"ceiling_tokens_per_s": 100.0, "fraction_of_ceiling": 0.5},
     }
     # fp32 was faster at the end: its fractions shrink; bf16 was slower at the end: kept; bandwidth higher
-    use_higher_limits(results, {"fp32": 200e9, "bf16": 300e9}, bandwidth_end=20e9)
+    use_higher_limits(results, {"fp32": 200e9, "bf16": 300e9}, bandwidth_again=20e9)
     assert results["gemm_peak_gflops"] == {"fp32": 200.0, "bf16": 400.0}
     assert results["prefill_fp32"]["fraction_of_peak"] == 0.4 and results["train_fp32"]["fraction_of_peak"] == 0.3
     assert results["prefill_bf16"]["fraction_of_peak"] == 0.5
@@ -117,7 +117,7 @@ def test_efficiency_keeps_the_higher_of_the_start_and_end_limits():
         results["gemm_peak_gflops_end"] == {"fp32": 200.0, "bf16": 300.0} and results["bandwidth_gb_s_end"] == 20.0
     )
     # a later measurement compares with the highest so far, and is recorded under its own name
-    use_higher_limits(results, {"fp32": 150e9, "bf16": 800e9}, bandwidth_end=10e9, when="middle")
+    use_higher_limits(results, {"fp32": 150e9, "bf16": 800e9}, bandwidth_again=10e9, when="middle")
     assert results["gemm_peak_gflops"] == {"fp32": 200.0, "bf16": 800.0}
     assert (
         results["prefill_bf16"]["fraction_of_peak"] == 0.25 and results["prefill_fp32"]["fraction_of_peak"] == 0.4
