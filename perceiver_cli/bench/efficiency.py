@@ -117,7 +117,7 @@ def use_higher_limits(
     if bandwidth_again > so_far:
         results["bandwidth_gb_s"] = bandwidth_again / 1e9
         for key, entry in results.items():
-            if key.so_farswith("decode_"):
+            if key.startswith("decode_"):
                 entry["ceiling_tokens_per_s"] *= bandwidth_again / so_far
                 entry["fraction_of_ceiling"] *= so_far / bandwidth_again
 
