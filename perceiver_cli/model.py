@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perceiver_cli import cpu_attention
+
 
 @dataclass
 class PerceiverARConfig:
@@ -129,9 +131,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
     The (n, Tk) boolean mask is only built when needed; no (Tk, Tk) tensor ever exists.
     """
     n, num_keys = q.shape[-2], k.shape[-2]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if n > 1 and not needs_grad and dropout_p == 0.0 and cpu_attention.supports(q, k, v):
+        # bf16 inference on a CPU with AVX512-BF16: our kernel is ~2x PyTorch's there and takes the bottom-right
+        # mask directly (cpu_attention.py; BENCHMARKS.md "bf16 prefill on the CPU").
+        return cpu_attention.attention(q, k, v, causal=True)
     if n == num_keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if n == 1 and q.device.type == "cpu" and not needs_grad and dropout_p == 0.0:
         # A cached decoding step: one query per row reads its whole cache once. Two batched matmuls read it
         # faster than the CPU flash kernel, built for blocks of queries (16 rows over 4,100 cached keys on a

@@ -1,0 +1,131 @@
+"""bf16 flash attention for inference on x86 CPUs with AVX512-BF16, compiled from cpu_attention.c at first use.
+
+PyTorch's CPU flash kernel runs bf16 at about its fp32 speed on CPUs without AMX, which kept a bf16 prefill far
+from the bf16 GEMM peak (BENCHMARKS.md "bf16 prefill on the CPU"). The C kernel next to this file computes the
+same attention (FlashAttention's online softmax, Dao et al. 2022) with AVX512-BF16 dot products. It is built
+with the system C compiler into the user's cache folder the first time it is needed (about 2 s), with no
+PyTorch headers, and called through ctypes, which releases the GIL; the kernel runs its own threads.
+
+Where there is no such CPU, no C compiler, or `PERCEIVER_CPU_ATTENTION=0` is set, `available()` is False and
+the model keeps PyTorch's kernels. Nothing here runs in training: there is no backward pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+HEAD_DIMS = (32, 64, 96, 128)
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fPIC", "-shared"]
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return "avx512_bf16" in handle.read()
+    except OSError:
+        return False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "perceiver" / "kernels"
+
+
+def _build(source: Path) -> Path:
+    """Compile once per source version; the .so is written to a temporary name and renamed into place."""
+    compiler = os.environ.get("CC", "cc")
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-pthread", "-o", partial, str(source), "-lm"], check=True, capture_output=True
+        )
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@cache
+def _kernel():
+    if os.environ.get("PERCEIVER_CPU_ATTENTION", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or not cpu_has_avx512_bf16():
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(SOURCE)))
+    except (OSError, subprocess.CalledProcessError):
+        return None  # no compiler, or one too old for AVX512-BF16: PyTorch's kernels remain
+    function = library.bf16_flash_attention
+    strides = ctypes.POINTER(ctypes.c_long)
+    function.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p, strides] * 4 + [ctypes.c_void_p, ctypes.c_float]
+    function.argtypes += [ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    workspace = library.bf16_flash_attention_workspace
+    workspace.argtypes, workspace.restype = [ctypes.c_int] * 4, ctypes.c_long
+    return function, workspace
+
+
+def available() -> bool:
+    """True where the kernel is built and usable: x86 with AVX512-BF16, a C compiler, not disabled."""
+    return _kernel() is not None
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `attention` takes these tensors: bf16 CPU tensors of a supported head size, unit stride on it."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.dim() == 4
+        and q.shape[-1] in HEAD_DIMS
+        and all(t.stride(-1) == 1 for t in (q, k, v))
+        and available()
+    )
+
+
+def _strides(t: Tensor):
+    return (ctypes.c_long * 3)(t.stride(0), t.stride(1), t.stride(2))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, with_lse: bool = False):
+    """softmax(q k^T / sqrt(Dh)) v for (B, H, n, Dh) q and (B, H, Tk, Dh) k, v, all bf16.
+
+    causal: query i sees keys [0, i + Tk - n] (bottom-right), else all keys. Returns the output (B, H, n, Dh)
+    in bf16, a view of a (B, n, H, Dh) tensor so that merging the heads costs no copy, and with with_lse also
+    the log-sum-exp of each query's scores (B, H, n) in fp32.
+    """
+    batch, heads, n, head_dim = q.shape
+    num_keys = k.shape[-2]
+    if causal and num_keys < n:
+        raise ValueError(f"causal attention needs at least as many keys ({num_keys}) as queries ({n})")
+    out = torch.empty(batch, n, heads, head_dim, dtype=torch.bfloat16).transpose(1, 2)  # (B, H, n, Dh)
+    lse = torch.empty(batch, heads, n) if with_lse else None
+    kernel, workspace_bytes = _kernel()
+    # from PyTorch's allocator, which asks for huge pages where the CLI enabled them (see cli/__init__.py)
+    workspace = torch.empty(workspace_bytes(batch, heads, num_keys, head_dim), dtype=torch.uint8)
+    status = kernel(
+        batch, heads, n, num_keys, head_dim, int(causal), torch.get_num_threads(),
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
+        out.data_ptr(), _strides(out), lse.data_ptr() if with_lse else None, head_dim ** -0.5,
+        workspace.data_ptr(),
+    )  # fmt: skip
+    if status:
+        raise RuntimeError(f"cpu_attention kernel failed with status {status}")
+    return (out, lse) if with_lse else out

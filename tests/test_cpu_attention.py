@@ -1,0 +1,118 @@
+"""The AVX512-BF16 attention kernel (perceiver_cli/cpu_attention.c) against a dense fp32 reference."""
+
+import subprocess
+
+import pytest
+import torch
+
+from perceiver_cli import cpu_attention
+from perceiver_cli.model import PerceiverAR, PerceiverARConfig, causal_attention
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="needs AVX512-BF16 and a C compiler")
+
+
+def dense_reference(q, k, v, causal):
+    n, num_keys = q.shape[-2], k.shape[-2]
+    scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+    if causal:
+        visible = torch.arange(num_keys)[None, :] <= torch.arange(n)[:, None] + num_keys - n
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.softmax(-1) @ v.float(), scores.logsumexp(-1)
+
+
+def bf16_heads(batch, heads, length, head_dim, heads_outer=True):
+    """(B, H, T, Dh) bf16, either contiguous or a view of (B, T, H, Dh) as the model's projections give."""
+    if heads_outer:
+        return torch.randn(batch, heads, length, head_dim).bfloat16()
+    return torch.randn(batch, length, heads, head_dim).bfloat16().transpose(1, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "batch, heads, n, num_keys, head_dim, causal",
+    [
+        (1, 2, 7, 7, 64, True),  # fewer keys than one block
+        (2, 3, 100, 300, 64, True),  # queries span two query blocks, keys a partial last block
+        (1, 2, 200, 1000, 32, False),
+        (1, 1, 97, 97, 128, True),
+        (2, 2, 130, 170, 96, True),
+        (1, 4, 1, 50, 64, True),  # one query sees every key
+        (1, 2, 300, 4096, 64, True),  # full key blocks only: the vectorised packing
+    ],
+)
+def test_kernel_matches_dense_attention(batch, heads, n, num_keys, head_dim, causal):
+    torch.manual_seed(n + num_keys)
+    q = bf16_heads(batch, heads, n, head_dim, heads_outer=False)
+    k, v = (bf16_heads(batch, heads, num_keys, head_dim, heads_outer=n % 2 == 0) for _ in range(2))
+    out, lse = cpu_attention.attention(q, k, v, causal, with_lse=True)
+    expected_out, expected_lse = dense_reference(q, k, v, causal)
+    assert out.dtype == torch.bfloat16 and out.shape == (batch, heads, n, head_dim)
+    # bf16 inputs and bf16 probabilities in the value product: within a few bf16 roundings of fp32 math
+    torch.testing.assert_close(out.float(), expected_out, atol=1e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, expected_lse, atol=2e-3, rtol=1e-3)
+
+
+@needs_kernel
+def test_causal_attention_routes_bf16_inference_to_the_kernel(monkeypatch):
+    q, k, v = (bf16_heads(1, 2, 64, 64) for _ in range(3))
+    calls = []
+    monkeypatch.setattr(cpu_attention, "attention", lambda *args, **kwargs: calls.append(args) or q)
+    with torch.no_grad():
+        causal_attention(q, k, v)  # square causal: a latent layer
+        causal_attention(q, torch.cat((k, k), 2), torch.cat((v, v), 2))  # the cross-attention
+        causal_attention(q.float(), k.float(), v.float())  # fp32 stays with PyTorch
+    causal_attention(q.requires_grad_(), k, v)  # training needs a backward pass: PyTorch's kernels
+    assert len(calls) == 2
+
+
+@needs_kernel
+def test_bf16_model_with_and_without_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    config = PerceiverARConfig(
+        vocab_size=50, max_context=512, num_latents=128, d_model=128, num_heads=2, num_layers=2
+    )
+    model = PerceiverAR(config).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 512))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with_kernel = model(tokens).float()
+        monkeypatch.setattr(cpu_attention, "_kernel", lambda: None)
+        without_kernel = model(tokens).float()
+    assert with_kernel.shape == without_kernel.shape == (2, 128, model.config.vocab_size)
+    torch.testing.assert_close(with_kernel, without_kernel, atol=0.05, rtol=0.05)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("PERCEIVER_CPU_ATTENTION", "0")
+    cpu_attention._kernel.cache_clear()
+    try:
+        assert not cpu_attention.available()
+        assert not cpu_attention.supports(*(bf16_heads(1, 1, 4, 64) for _ in range(3)))
+    finally:
+        monkeypatch.undo()
+        cpu_attention._kernel.cache_clear()
+
+
+@pytest.mark.skipif(not cpu_attention.cpu_has_avx512_bf16(), reason="needs AVX512-BF16")
+def test_a_missing_compiler_leaves_pytorchs_kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_attention._kernel.cache_clear()
+    try:
+        assert not cpu_attention.available()
+    finally:
+        monkeypatch.undo()
+        cpu_attention._kernel.cache_clear()
+
+
+@pytest.mark.skipif(not cpu_attention.cpu_has_avx512_bf16(), reason="needs AVX512-BF16")
+def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = cpu_attention._build(cpu_attention.SOURCE)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_attention._build(cpu_attention.SOURCE) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C")
+    with pytest.raises(subprocess.CalledProcessError):
+        cpu_attention._build(broken)
+    assert [p.name for p in first.parent.iterdir()] == [first.name]
