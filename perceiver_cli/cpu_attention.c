@@ -202,7 +202,7 @@ INLINE void run_item(Job *job, int item, int D, float *scores, bf16 *probs, floa
             __m512 ones = (__m512)_mm512_set1_epi32(0x3F803F80); /* bf16 pairs (1, 1) */
             __m512 total = _mm512_dpbf16_ps(_mm512_setzero_ps(), b01, (__m512bh)ones);
             total = _mm512_dpbf16_ps(total, b23, (__m512bh)ones);
-            float correction = exp2f(row_max[i] - new_max);
+            float correction = new_max == row_max[i] ? 1.0f : exp2f(row_max[i] - new_max); /* rare after a few blocks */
             row_sum[i] = row_sum[i] * correction + _mm512_reduce_add_ps(total);
             row_max[i] = new_max;
             if (correction != 1.0f) {

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .. import cpu_attention
 from ..device import autocast, cpu_has_fast_bf16
 from ..generate import SamplingOptions, generate_stream, onednn_linear_available, step_model, step_weights_dtype
 from ..model import PerceiverAR, latent_loss
@@ -131,6 +132,8 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     parameters = model.num_parameters()
     with_bf16 = cpu_has_fast_bf16() if bf16 is None else bf16
     results: dict = {"parameters": parameters, "context": context, "bf16_measured": with_bf16}
+    # which kernel bf16 inference attends with (training always uses PyTorch's)
+    results["bf16_attention_kernel"] = "perceiver_cli/cpu_attention.c" if cpu_attention.available() else "PyTorch"
     peaks = {"fp32": gemm_peak(torch.float32)}
     if with_bf16:
         peaks["bf16"] = gemm_peak(torch.bfloat16)
