@@ -14,7 +14,6 @@
 */
 #include <immintrin.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -264,12 +263,11 @@ static void *attend_worker(void *arg) {
 }
 
 static void run_parallel(Job *job, void *(*worker)(void *)) {
-    pthread_t threads[64];
-    int extra = job->threads - 1 > 63 ? 63 : job->threads - 1, started = 0;
+    /* OpenMP from the runtime PyTorch already loaded (libgomp, matched by its soname): the threads its last op
+       left spinning take this work at once instead of competing with threads of our own for the cores */
     job->next = 0;
-    for (int t = 0; t < extra; t++) started += pthread_create(&threads[started], NULL, worker, job) == 0;
+#pragma omp parallel num_threads(job->threads)
     worker(job);
-    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
 }
 
 /* Bytes of the workspace bf16_flash_attention needs for the packed keys and values. */

@@ -4,10 +4,11 @@ PyTorch's CPU flash kernel runs bf16 at about its fp32 speed on CPUs without AMX
 from the bf16 GEMM peak (BENCHMARKS.md "bf16 prefill on the CPU"). The C kernel next to this file computes the
 same attention (FlashAttention's online softmax, Dao et al. 2022) with AVX512-BF16 dot products. It is built
 with the system C compiler into the user's cache folder the first time it is needed (about 2 s), with no
-PyTorch headers, and called through ctypes, which releases the GIL; the kernel runs its own threads.
+PyTorch headers, and called through ctypes, which releases the GIL. Its threads are OpenMP's: compiled with
+-fopenmp, the library binds to the libgomp PyTorch already loaded (same soname), so both share one thread pool.
 
-Where there is no such CPU, no C compiler, or `PERCEIVER_CPU_ATTENTION=0` is set, `available()` is False and
-the model keeps PyTorch's kernels. Nothing here runs in training: there is no backward pass.
+Where there is no such CPU, no C compiler, or `PERCEIVER_CPU_KERNELS=0` is set, `available()` is False and
+the model keeps PyTorch's kernels. `build` and `load` also serve cpu_decode.py. Nothing here runs in training: there is no backward pass.
 """
 
 from __future__ import annotations
@@ -26,15 +27,34 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 HEAD_DIMS = (32, 64, 96, 128)
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fPIC", "-shared"]
+FLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bf16",
+    "-mfma",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+]
+
+
+@cache
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def cpu_has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return "avx512_bf16" in handle.read()
-    except OSError:
-        return False
+    return "avx512_bf16" in _cpu_flags()
 
 
 def _cache_dir() -> Path:
@@ -42,10 +62,11 @@ def _cache_dir() -> Path:
     return Path(root) / "perceiver" / "kernels"
 
 
-def _build(source: Path) -> Path:
-    """Compile once per source version; the .so is written to a temporary name and renamed into place."""
+def build(source: Path, flags: list[str] = FLAGS) -> Path:
+    """Compile a kernel once per source version and flags into the user's cache folder; the .so is written to a
+    temporary name and renamed into place, so concurrent first uses never load a partial file."""
     compiler = os.environ.get("CC", "cc")
-    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
@@ -54,7 +75,7 @@ def _build(source: Path) -> Path:
     os.close(handle)
     try:
         subprocess.run(
-            [compiler, *FLAGS, "-pthread", "-o", partial, str(source), "-lm"], check=True, capture_output=True
+            [compiler, *flags, "-pthread", "-o", partial, str(source), "-lm"], check=True, capture_output=True
         )
         os.replace(partial, target)
     finally:
@@ -63,16 +84,24 @@ def _build(source: Path) -> Path:
     return target
 
 
-@cache
-def _kernel():
-    if os.environ.get("PERCEIVER_CPU_ATTENTION", "1") == "0":
+def load(source: Path, cpu_flag: str, flags: list[str] = FLAGS) -> ctypes.CDLL | None:
+    """The compiled library, or None where the CPU lacks `cpu_flag`, there is no working compiler, or
+    PERCEIVER_CPU_KERNELS=0 turns our kernels off."""
+    if os.environ.get("PERCEIVER_CPU_KERNELS", "1") == "0":
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or not cpu_has_avx512_bf16():
+    if platform.machine().lower() not in ("x86_64", "amd64") or cpu_flag not in _cpu_flags():
         return None
     try:
-        library = ctypes.CDLL(str(_build(SOURCE)))
+        return ctypes.CDLL(str(build(source, flags)))
     except (OSError, subprocess.CalledProcessError):
-        return None  # no compiler, or one too old for AVX512-BF16: PyTorch's kernels remain
+        return None  # no compiler, or one too old for these instructions: PyTorch's kernels remain
+
+
+@cache
+def _kernel():
+    library = load(SOURCE, "avx512_bf16")
+    if library is None:
+        return None
     function = library.bf16_flash_attention
     strides = ctypes.POINTER(ctypes.c_long)
     function.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p, strides] * 4 + [ctypes.c_void_p, ctypes.c_float]

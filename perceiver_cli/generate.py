@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_decode
 from .device import cpu_has_fast_bf16
 from .model import PerceiverAR
 
@@ -253,6 +254,7 @@ class DecodeState:
         self.num_latents = 0
         self.latent_capacity = c.num_latents
         self.batch, self.device = batch, device
+        self.fused: cpu_decode.FusedStep | bool | None = None  # None: not decided yet
 
     def _allocate(self, like: Tensor) -> None:
         c = self.model.config
@@ -324,6 +326,14 @@ class DecodeState:
         assert window.end == self.length and window.num_latents == self.num_latents + 1
         model = self.stepper
         position = window.end - 1
+        if self.fused is None and model is not self.model:
+            # With a stepper (anything but the exact reference path), run the whole step as one C call where
+            # the kernel is available: fp32 arithmetic, faster than any stepper's PyTorch ops (cpu_decode.py)
+            self.fused = cpu_decode.FusedStep(self.model, self) if cpu_decode.supports(self.model, self) else False
+        if self.fused:
+            logits = self.fused(self.tokens[:, position], position, self.cross_length, self.num_latents)
+            self.num_latents += 1
+            return logits
         rope = model.rope(self._positions(position, position + 1))
         latent = model.embedding(self.tokens[:, position : position + 1])  # (B, 1, D)
         key, value = self.cross_key[:, :, : self.cross_length], self.cross_value[:, :, : self.cross_length]

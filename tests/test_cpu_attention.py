@@ -82,7 +82,7 @@ def test_bf16_model_with_and_without_the_kernel(monkeypatch):
 
 
 def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("PERCEIVER_CPU_ATTENTION", "0")
+    monkeypatch.setenv("PERCEIVER_CPU_KERNELS", "0")
     cpu_attention._kernel.cache_clear()
     try:
         assert not cpu_attention.available()
@@ -107,12 +107,12 @@ def test_a_missing_compiler_leaves_pytorchs_kernels(monkeypatch, tmp_path):
 @pytest.mark.skipif(not cpu_attention.cpu_has_avx512_bf16(), reason="needs AVX512-BF16")
 def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = cpu_attention._build(cpu_attention.SOURCE)
+    first = cpu_attention.build(cpu_attention.SOURCE)
     stamp = first.stat().st_mtime_ns
-    assert cpu_attention._build(cpu_attention.SOURCE) == first and first.stat().st_mtime_ns == stamp
+    assert cpu_attention.build(cpu_attention.SOURCE) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C")
     with pytest.raises(subprocess.CalledProcessError):
-        cpu_attention._build(broken)
+        cpu_attention.build(broken)
     assert [p.name for p in first.parent.iterdir()] == [first.name]

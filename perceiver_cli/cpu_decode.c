@@ -1,0 +1,345 @@
+/* One cached decoding step of Perceiver AR in fp32, the whole model in one call (x86 with AVX-512).
+
+   Why it exists: a cached step multiplies one to a few rows by every weight once, so it should run at the speed
+   the memory streams the weights and caches. In PyTorch eager a step of the bench config is ~1,200 small ops
+   (layer norms, rotary, views, softmax, 46 matrix products), each with microseconds of fixed cost: at batch 1
+   that overhead, not the memory, set the speed (BENCHMARKS.md "Decode per-token overhead"). Here every thread
+   runs the same step from start to end and the threads meet at a spin barrier between phases; each phase
+   splits its work (output rows of a product, heads of the attention) between them.
+
+   The step is generate.DecodeState.step: the newest token's embedding is the new latent; it attends through
+   the cross-attention block to the cross-attention cache (keys/values of the window, the newest included,
+   written by DecodeState.append_inputs) and through each latent layer to that layer's cache, into which the
+   step writes its own key and value at slot `num_latents`; then the final norm and the head give its logits.
+   Pre-LayerNorm blocks (eps from the model), rotary on the first 2 * rotary_half dims of each head in
+   half-split pairs, exact GELU, nn.Linear weights without biases, row-major (out, in).
+   Built by perceiver_cli/cpu_decode.py with the system C compiler; no PyTorch headers. */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define MAX_THREADS 64
+
+typedef struct {
+    const float *norm_weight, *norm_bias; /* before the attention (the cross-attention block's norm_query) */
+    const float *query, *key_value, *out; /* (D, D), (2D, D), (D, D); key_value unused for the cross-attention */
+    const float *norm_mlp_weight, *norm_mlp_bias;
+    const float *up, *down; /* (F, D), (D, F) */
+    float *keys, *values;   /* this block's caches */
+    long cache_strides[4];  /* batch, head, position, dim: rows (.., .., Dh, 1) or transposed (.., .., 1, T) */
+} Block;
+
+typedef struct {
+    int batch, d_model, heads, head_dim, rotary_half, hidden, vocab, layers;
+    float eps;
+    const float *embedding, *final_weight, *final_bias, *head;
+    const Block *blocks; /* the cross-attention block, then each latent layer */
+} Model;
+
+typedef struct {
+    const Model *m;
+    const long *tokens;     /* (B,): the newest token of each row */
+    const float *cos, *sin; /* (rotary_half,): the newest position's rotary tables */
+    int cross_length, num_latents, threads;
+    float *logits;                                            /* (B, V) */
+    float *hidden, *normed, *query, *key_value, *mixed, *up; /* per row: D, D, D, 2D, D, F */
+    long scores_length;
+} Step;
+
+static void barrier(Step *s) {
+    (void)s;
+#pragma omp barrier
+}
+
+INLINE __mmask16 tail_mask(long remaining) { return remaining >= 16 ? 0xFFFF : (__mmask16)((1u << remaining) - 1); }
+
+INLINE __m512 exp2_ps(__m512 x) {
+    /* 2^x for x <= 0: 2^floor(x) by vscalefps times a degree-6 polynomial of the fraction (rel. error ~2e-7) */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, whole);
+    __m512 p = _mm512_set1_ps(1.5353362e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503367e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022652e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, whole);
+}
+
+INLINE __m512 gelu_ps(__m512 x) {
+    /* 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) */
+    __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678f)));
+    __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+    __m512 poly = _mm512_set1_ps(1.061405429f);
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    __m512 e = exp2_ps(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-1.44269504f)));
+    __m512 erf_abs = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.0f));
+    __m512 erf = _mm512_mask_sub_ps(erf_abs, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                    _mm512_setzero_ps(), erf_abs);
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf, _mm512_set1_ps(1.0f)));
+}
+
+/* Four weight rows against `R` input rows: y[r][o] (+)= w_o . x[r]. Four rows stream from memory at once (one
+   row at a time left the memory idle between the loads of a single stream), and each is read once for all R. */
+INLINE void dot_rows(int R, const float *w, long w_stride, int in, const float *x, long x_stride, float *y,
+                     long y_stride, int accumulate) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int i = 0; i < in; i += 16) {
+        __m512 w0 = _mm512_loadu_ps(w + i), w1 = _mm512_loadu_ps(w + w_stride + i);
+        __m512 w2 = _mm512_loadu_ps(w + 2 * w_stride + i), w3 = _mm512_loadu_ps(w + 3 * w_stride + i);
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
+            acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(w2, xv, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(w3, xv, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) {
+            float sum = _mm512_reduce_add_ps(acc[r][j]);
+            y[r * y_stride + j] = accumulate ? y[r * y_stride + j] + sum : sum;
+        }
+}
+
+/* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of W (out, in) */
+static void product(const Step *s, int id, const float *W, int out, int in, const float *x, long x_stride, float *y,
+                    long y_stride, int accumulate) {
+    const int quads = (out + 3) / 4, lo = 4 * (int)((long)quads * id / s->threads);
+    const int hi = 4 * (int)((long)quads * (id + 1) / s->threads);
+    for (int o = lo; o < hi && o < out; o += 4) {
+        const int count = out - o < 4 ? out - o : 4; /* a last, partial group: one row at a time, repeated */
+        for (int j = 0; j < (count == 4 ? 1 : count); j++) {
+            const float *w = W + (long)(o + j) * in;
+            const long w_stride = count == 4 ? in : 0;
+            for (int b = 0; b < s->m->batch; b += 4) {
+                const int rows = s->m->batch - b < 4 ? s->m->batch - b : 4;
+                const float *xb = x + b * x_stride;
+                float spare[4 * 4];
+                float *target = count == 4 ? y + b * y_stride + o : spare;
+                const long stride = count == 4 ? y_stride : 4;
+                const int add = count == 4 && accumulate;
+                switch (rows) { /* constant row counts keep the accumulators in registers */
+                case 4: dot_rows(4, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                case 3: dot_rows(3, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                case 2: dot_rows(2, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                default: dot_rows(1, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                }
+                if (count < 4)
+                    for (int r = 0; r < rows; r++) {
+                        float *at = y + (b + r) * y_stride + o + j;
+                        *at = accumulate ? *at + spare[4 * r] : spare[4 * r];
+                    }
+            }
+        }
+    }
+}
+
+/* this thread's rows of LayerNorm(x) */
+static void layer_norm(const Step *s, int id, const float *x, const float *weight, const float *bias, float *y) {
+    const int D = s->m->d_model;
+    for (int b = id; b < s->m->batch; b += s->threads) {
+        const float *row = x + (long)b * D;
+        __m512 sum = _mm512_setzero_ps();
+        for (int i = 0; i < D; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(row + i));
+        const float mean = _mm512_reduce_add_ps(sum) / D;
+        __m512 squares = _mm512_setzero_ps(), m = _mm512_set1_ps(mean);
+        for (int i = 0; i < D; i += 16) {
+            __m512 d = _mm512_sub_ps(_mm512_loadu_ps(row + i), m);
+            squares = _mm512_fmadd_ps(d, d, squares);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / D + s->m->eps));
+        for (int i = 0; i < D; i += 16) {
+            __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), m), inv);
+            _mm512_storeu_ps(y + (long)b * D + i,
+                             _mm512_fmadd_ps(d, _mm512_loadu_ps(weight + i), _mm512_loadu_ps(bias + i)));
+        }
+    }
+}
+
+static void rotate(const Step *s, float *x) {
+    const int half = s->m->rotary_half;
+    for (int i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[half + i];
+        x[i] = x1 * s->cos[i] - x2 * s->sin[i];
+        x[half + i] = x2 * s->cos[i] + x1 * s->sin[i];
+    }
+}
+
+/* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V */
+static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
+                   float *out) {
+    const int D = s->m->head_dim;
+    const long *st = block->cache_strides;
+    const float *k = block->keys + b * st[0] + h * st[1], *v = block->values + b * st[0] + h * st[1];
+    const float scale = 1.0f / sqrtf((float)D);
+    if (st[3] == 1) { /* rows: one dot product of D floats per key */
+        for (long t = 0; t < length; t++) {
+            const float *row = k + t * st[2];
+            __m512 acc = _mm512_setzero_ps();
+            for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + d), _mm512_loadu_ps(q + d), acc);
+            scores[t] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    } else { /* transposed: 128 keys at a time, their scores in registers across the Dh rows of K^T */
+        long t = 0;
+        for (; t + 128 <= length; t += 128) {
+            __m512 acc[8];
+            for (int c = 0; c < 8; c++) acc[c] = _mm512_setzero_ps();
+            for (int d = 0; d < D; d++) {
+                const float *row = k + d * st[3] + t;
+                __m512 qd = _mm512_set1_ps(q[d]);
+                for (int c = 0; c < 8; c++) acc[c] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(row + 16 * c), acc[c]);
+            }
+            for (int c = 0; c < 8; c++) _mm512_storeu_ps(scores + t + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(scale)));
+        }
+        for (; t < length; t += 16) {
+            __mmask16 m = tail_mask(length - t);
+            __m512 acc = _mm512_setzero_ps();
+            for (int d = 0; d < D; d++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_maskz_loadu_ps(m, k + d * st[3] + t), acc);
+            _mm512_mask_storeu_ps(scores + t, m, _mm512_mul_ps(acc, _mm512_set1_ps(scale)));
+        }
+    }
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (long t = 0; t < length; t += 16)
+        top = _mm512_mask_max_ps(top, tail_mask(length - t), top, _mm512_maskz_loadu_ps(tail_mask(length - t), scores + t));
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), log2e = _mm512_set1_ps(1.44269504f);
+    __m512 total = _mm512_setzero_ps();
+    for (long t = 0; t < length; t += 16) {
+        __mmask16 m = tail_mask(length - t);
+        __m512 p = exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), shift), log2e));
+        p = _mm512_maskz_mov_ps(m, p);
+        _mm512_mask_storeu_ps(scores + t, m, p);
+        total = _mm512_add_ps(total, p);
+    }
+    const float inverse = 1.0f / _mm512_reduce_add_ps(total);
+    if (st[3] == 1) { /* rows: out += p[t] V[t] */
+        __m512 acc[8];
+        for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
+        for (long t = 0; t < length; t++) {
+            const float *row = v + t * st[2];
+            __m512 p = _mm512_set1_ps(scores[t]);
+            for (int c = 0; c < D / 16; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 16 * c), acc[c]);
+        }
+        for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+    } else { /* transposed: out[d] = p . V^T[d] */
+        for (int d = 0; d < D; d++) {
+            const float *row = v + d * st[3];
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+            long t = 0;
+            for (; t + 32 <= length; t += 32) {
+                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(scores + t), _mm512_loadu_ps(row + t), acc0);
+                acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(scores + t + 16), _mm512_loadu_ps(row + t + 16), acc1);
+            }
+            for (; t < length; t += 16) {
+                __mmask16 m = tail_mask(length - t);
+                acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, scores + t), _mm512_maskz_loadu_ps(m, row + t), acc0);
+            }
+            out[d] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * inverse;
+        }
+    }
+}
+
+/* the attention part of a block for this thread's (row, head) items, then its output projection */
+static void attention_phase(Step *s, int id, const Block *block, int is_cross, float *scores) {
+    const Model *m = s->m;
+    const int D = m->d_model, Dh = m->head_dim;
+    const long slot = s->num_latents, length = is_cross ? s->cross_length : s->num_latents + 1;
+    for (int item = id; item < m->batch * m->heads; item += s->threads) {
+        const int b = item / m->heads, h = item % m->heads;
+        float *q = s->query + (long)b * D + h * Dh;
+        rotate(s, q);
+        if (!is_cross) { /* this step's key and value go into the layer's cache at `slot` */
+            float *key = s->key_value + (long)b * 2 * D + h * Dh, *value = key + D;
+            rotate(s, key);
+            const long *st = block->cache_strides;
+            float *kc = block->keys + b * st[0] + h * st[1] + slot * st[2];
+            float *vc = block->values + b * st[0] + h * st[1] + slot * st[2];
+            for (int d = 0; d < Dh; d++) kc[d * st[3]] = key[d], vc[d * st[3]] = value[d];
+        }
+        attend(s, block, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh);
+    }
+    barrier(s);
+    product(s, id, block->out, D, D, s->mixed, D, s->hidden, D, 1); /* hidden += W_out mixed */
+    barrier(s);
+}
+
+static void mlp_phase(Step *s, int id, const Block *block) {
+    const Model *m = s->m;
+    const int D = m->d_model, F = m->hidden;
+    layer_norm(s, id, s->hidden, block->norm_mlp_weight, block->norm_mlp_bias, s->normed);
+    barrier(s);
+    product(s, id, block->up, F, D, s->normed, D, s->up, F, 0);
+    barrier(s);
+    for (int b = id; b < m->batch; b += s->threads) /* GELU of each row, vectorised */
+        for (int i = 0; i < F; i += 16) {
+            __mmask16 mask = tail_mask(F - i);
+            float *at = s->up + (long)b * F + i;
+            _mm512_mask_storeu_ps(at, mask, gelu_ps(_mm512_maskz_loadu_ps(mask, at)));
+        }
+    barrier(s);
+    product(s, id, block->down, D, F, s->up, F, s->hidden, D, 1); /* hidden += W_down gelu(...) */
+    barrier(s);
+}
+
+static void run_step(Step *s, int id) {
+    const Model *m = s->m;
+    const int D = m->d_model;
+    float *scores = aligned_alloc(64, sizeof(float) * s->scores_length);
+    for (int b = id; b < m->batch; b += s->threads)
+        memcpy(s->hidden + (long)b * D, m->embedding + s->tokens[b] * D, sizeof(float) * D);
+    barrier(s);
+    for (int index = 0; index <= m->layers; index++) {
+        const Block *block = &m->blocks[index];
+        const int is_cross = index == 0;
+        layer_norm(s, id, s->hidden, block->norm_weight, block->norm_bias, s->normed);
+        barrier(s);
+        product(s, id, block->query, D, D, s->normed, D, s->query, D, 0);
+        if (!is_cross) product(s, id, block->key_value, 2 * D, D, s->normed, D, s->key_value, 2 * D, 0);
+        barrier(s);
+        attention_phase(s, id, block, is_cross, scores);
+        mlp_phase(s, id, block);
+    }
+    layer_norm(s, id, s->hidden, m->final_weight, m->final_bias, s->normed);
+    barrier(s);
+    product(s, id, m->head, m->vocab, D, s->normed, D, s->logits, m->vocab, 0);
+    free(scores);
+}
+
+/* Bytes of the workspace f32_decode_step needs. */
+long f32_decode_workspace(const Model *m) {
+    return sizeof(float) * (long)m->batch * (6L * m->d_model + m->hidden);
+}
+
+/* Returns 0 on success, 1 for unsupported sizes. `workspace` holds f32_decode_workspace(m) bytes. */
+int f32_decode_step(const Model *m, const long *tokens, const float *cos, const float *sin, int cross_length,
+                    int num_latents, int threads, float *logits, float *workspace) {
+    if (m->d_model % 16 || m->hidden % 16 || m->head_dim % 16 || m->head_dim > 128 || cross_length < 1) return 1;
+    Step s = {m, tokens, cos, sin, cross_length, num_latents, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads};
+    const long B = m->batch, D = m->d_model;
+    s.logits = logits;
+    s.hidden = workspace, s.normed = s.hidden + B * D, s.query = s.normed + B * D, s.key_value = s.query + B * D;
+    s.mixed = s.key_value + 2 * B * D, s.up = s.mixed + B * D;
+    s.scores_length = ((cross_length > num_latents + 1 ? cross_length : num_latents + 1) + 15) / 16 * 16;
+    /* OpenMP from the runtime PyTorch already loaded (libgomp, matched by its soname): the threads PyTorch's
+       last op left spinning take this work at once instead of competing with threads of our own */
+#pragma omp parallel num_threads(s.threads)
+    {
+#pragma omp single
+        s.threads = omp_get_num_threads();
+        run_step(&s, omp_get_thread_num());
+    }
+    return 0;
+}

@@ -1,0 +1,134 @@
+"""A whole cached decoding step in one call to a C kernel (cpu_decode.c), for fp32 steps on x86 with AVX-512.
+
+A step of the bench config in PyTorch eager is ~1,200 small ops; at batch 1 their fixed costs, not the memory,
+set the speed. `FusedStep` hands the C kernel pointers to the model's fp32 weights and to a DecodeState's
+caches once, then each step is one ctypes call (which releases the GIL) with the newest tokens, the position's
+rotary tables and the cache lengths. Same arithmetic as DecodeState.step in fp32, up to the order of sums and a
+GELU/exp accurate to ~2e-7. Built and loaded like cpu_attention.py; `available()` is False where that fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .cpu_attention import load
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+_pointer = ctypes.c_void_p
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [
+        *((name, _pointer) for name in ("norm_weight", "norm_bias", "query", "key_value", "out")),
+        *((name, _pointer) for name in ("norm_mlp_weight", "norm_mlp_bias", "up", "down", "keys", "values")),
+        ("cache_strides", ctypes.c_long * 4),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("batch", "d_model", "heads", "head_dim", "rotary_half", "hidden")),
+        ("vocab", ctypes.c_int),
+        ("layers", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        *((name, _pointer) for name in ("embedding", "final_weight", "final_bias", "head")),
+        ("blocks", ctypes.POINTER(_Block)),
+    ]
+
+
+@cache
+def _kernel():
+    library = load(SOURCE, "avx512f", FLAGS)
+    if library is None:
+        return None
+    step = library.f32_decode_step
+    step.argtypes = [ctypes.POINTER(_Model), _pointer, _pointer, _pointer, ctypes.c_int, ctypes.c_int]
+    step.argtypes += [ctypes.c_int, _pointer, _pointer]
+    step.restype = ctypes.c_int
+    workspace = library.f32_decode_workspace
+    workspace.argtypes, workspace.restype = [ctypes.POINTER(_Model)], ctypes.c_long
+    return step, workspace
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def supports(model: nn.Module, state) -> bool:
+    """fp32 CPU weights and caches (a refill under bf16 autocast leaves bf16 caches), sizes the kernel takes
+    (multiples of 16), one LayerNorm eps, and the kernel built."""
+    c = model.config
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    caches = [state.cross_key, state.cross_value, *state.latent_keys, *state.latent_values]
+    return (
+        all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+        and all(t is not None and t.dtype == torch.float32 for t in caches)
+        and c.d_model % 16 == 0
+        and c.head_dim % 16 == 0
+        and c.head_dim <= 128
+        and int(c.d_model * c.mlp_ratio) % 16 == 0
+        and len({m.eps for m in norms}) == 1
+        and all(m.elementwise_affine and m.bias is not None for m in norms)
+        and available()
+    )
+
+
+class FusedStep:
+    """Cached steps of `model` over the caches of one DecodeState (allocated before this is built)."""
+
+    def __init__(self, model: nn.Module, state) -> None:
+        c = model.config
+        self.model, self.batch = model, state.batch
+        self.keep: list[Tensor] = []  # every tensor whose address the kernel holds
+
+        def address(t: Tensor) -> int:
+            t = t.detach()
+            if not t.is_contiguous():
+                t = t.contiguous()
+            self.keep.append(t)
+            return t.data_ptr()
+
+        def block(module, keys: Tensor, values: Tensor) -> _Block:
+            norm = module.norm_query if hasattr(module, "norm_query") else module.norm
+            attention = module.attention
+            assert keys.stride() == values.stride()
+            self.keep += [keys, values]
+            return _Block(
+                address(norm.weight), address(norm.bias),
+                address(attention.query.weight), address(attention.key_value.weight), address(attention.out.weight),
+                address(module.norm_mlp.weight), address(module.norm_mlp.bias),
+                address(module.mlp.up.weight), address(module.mlp.down.weight),
+                keys.data_ptr(), values.data_ptr(), (ctypes.c_long * 4)(*keys.stride()),
+            )  # fmt: skip
+
+        blocks = [block(model.cross_attention, state.cross_key, state.cross_value)]
+        caches = zip(model.layers, state.latent_keys, state.latent_values, strict=True)
+        blocks += [block(layer, keys, values) for layer, keys, values in caches]
+        self.blocks = (_Block * len(blocks))(*blocks)
+        self.spec = _Model(
+            state.batch, c.d_model, c.num_heads, c.head_dim, c.rotary_dim // 2, int(c.d_model * c.mlp_ratio),
+            c.vocab_size, c.num_layers, model.final_norm.eps,
+            address(model.embedding.weight), address(model.final_norm.weight), address(model.final_norm.bias),
+            address(model.head.weight), ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
+        )  # fmt: skip
+        self.step, workspace_bytes = _kernel()
+        self.workspace = torch.empty(workspace_bytes(ctypes.byref(self.spec)) // 4)
+        self.logits = torch.empty(state.batch, c.vocab_size)
+
+    def __call__(self, tokens: Tensor, position: int, cross_length: int, num_latents: int) -> Tensor:
+        """Logits (B, V) of the newest tokens (B,) at `position`; writes their keys/values at slot num_latents."""
+        tokens = tokens.to(torch.long).contiguous()
+        cos, sin = (t.reshape(-1).contiguous() for t in self.model.rope(torch.tensor([[position]])))
+        status = self.step(
+            ctypes.byref(self.spec), tokens.data_ptr(), cos.data_ptr(), sin.data_ptr(), cross_length, num_latents,
+            torch.get_num_threads(), self.logits.data_ptr(), self.workspace.data_ptr(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"cpu_decode kernel failed with status {status}")
+        return self.logits.clone()

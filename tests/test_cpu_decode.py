@@ -1,0 +1,108 @@
+"""The fused C decoding step (perceiver_cli/cpu_decode.c) against DecodeState's PyTorch step."""
+
+import pytest
+import torch
+
+from perceiver_cli import PerceiverAR, PerceiverARConfig, cpu_decode, generate_stream
+from perceiver_cli.generate import DecodeState, SamplingOptions, next_window, prompt_window, step_model
+
+needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason="needs AVX-512 and a C compiler")
+
+
+def random_model(seed: int, **overrides) -> PerceiverAR:
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=51, max_context=96, num_latents=24, d_model=64, num_heads=2, num_layers=2)
+    model = PerceiverAR(PerceiverARConfig(**{**settings, **overrides})).eval()
+    with torch.no_grad():  # LayerNorms away from the identity, so that a swapped weight and bias would show
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.3), module.bias.normal_(0.0, 0.3)
+    return model
+
+
+def prefilled_state(model, batch, prompt_length, stepper):
+    c = model.config
+    prompt = torch.randint(0, c.vocab_size, (batch, prompt_length), generator=torch.Generator().manual_seed(1))
+    state = DecodeState(model, batch, prompt_length + 64, torch.device("cpu"), stepper)
+    window = prompt_window(prompt_length, c.max_context, c.num_latents, None)
+    state.tokens[:, : window.start] = prompt[:, : window.start]
+    state.length = state.cross_start = window.start
+    state.append_inputs(prompt[:, window.start :])
+    state.latent_pass(window)
+    return state, window
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "batch, overrides",
+    [
+        (1, {}),
+        (3, {"rotary_fraction": 1.0}),  # rows not a multiple of the kernel's groups of four
+        (5, {"rotary_fraction": 0.0, "vocab_size": 50, "mlp_ratio": 2.0}),  # no rotary; 50 = 12 groups of 4 + 2
+        (2, {"d_model": 128, "num_heads": 4, "num_layers": 3, "tie_embeddings": False}),
+    ],
+)
+def test_fused_step_matches_the_pytorch_step(batch, overrides):
+    model = random_model(batch, **overrides)
+    c = model.config
+    with torch.no_grad():
+        state, window = prefilled_state(model, batch, 50, step_model(model, torch.float32, batch))
+        fused = cpu_decode.FusedStep(model, state)
+        state.fused = False  # state.step() stays on PyTorch: the reference
+        for _ in range(6):
+            window = next_window(window, c.max_context, c.num_latents, None)
+            assert not window.refill
+            state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
+            caches = [t.clone() for t in state.latent_keys + state.latent_values]
+            expected = state.step(window)
+            filled = state.num_latents  # slots [0, filled) hold keys and values; the rest is unwritten memory
+            written = [t[:, :, :filled].clone() for t in state.latent_keys + state.latent_values]
+            for cache, before in zip(state.latent_keys + state.latent_values, caches, strict=True):
+                cache.copy_(before)
+            position = window.end - 1
+            got = fused(state.tokens[:, position], position, state.cross_length, state.num_latents - 1)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+            for cache, reference in zip(state.latent_keys + state.latent_values, written, strict=True):
+                torch.testing.assert_close(cache[:, :, :filled], reference, rtol=1e-4, atol=1e-5)  # its own k, v
+
+
+@needs_kernel
+def test_generation_with_a_stepper_runs_fused_and_keeps_the_tokens():
+    """Greedy tokens with the fused steps equal the exact path's over several refills; logits to 1e-4."""
+    model = random_model(0)
+    prompt = torch.randint(0, 51, (2, 40), generator=torch.Generator().manual_seed(3))
+    options = SamplingOptions(temperature=0)
+    exact = list(generate_stream(model, prompt, 80, options))
+    fast = list(generate_stream(model, prompt, 80, options, stepper=step_model(model, torch.float32, 2)))
+    assert sum(step.window.refill for step in fast) >= 3
+    for a, b in zip(exact, fast, strict=True):
+        assert torch.equal(a.tokens, b.tokens)
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_the_state_picks_the_fused_step_only_where_it_applies():
+    model = random_model(0)
+    with torch.no_grad():
+        state, window = prefilled_state(model, 1, 50, step_model(model, torch.float32))
+        state.append_inputs(torch.zeros(1, 1, dtype=torch.long))
+        state.step(next_window(window, 96, 24, None))
+        assert isinstance(state.fused, cpu_decode.FusedStep)
+        exact, window = prefilled_state(model, 1, 50, None)  # no stepper: the reference path stays PyTorch
+        exact.append_inputs(torch.zeros(1, 1, dtype=torch.long))
+        exact.step(next_window(window, 96, 24, None))
+        assert exact.fused is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 caches: not for the fp32 kernel
+            bf16_state, _ = prefilled_state(model, 1, 50, step_model(model, torch.float32))
+        assert not cpu_decode.supports(model, bf16_state)
+    assert not cpu_decode.supports(random_model(0, d_model=48, num_heads=2), state)  # head_dim 24
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("PERCEIVER_CPU_KERNELS", "0")
+    cpu_decode._kernel.cache_clear()
+    try:
+        assert not cpu_decode.available()
+    finally:
+        monkeypatch.undo()
+        cpu_decode._kernel.cache_clear()
