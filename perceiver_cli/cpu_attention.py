@@ -66,7 +66,8 @@ def build(source: Path, flags: list[str] = FLAGS) -> Path:
     """Compile a kernel once per source version and flags into the user's cache folder; the .so is written to a
     temporary name and renamed into place, so concurrent first uses never load a partial file."""
     compiler = os.environ.get("CC", "cc")
-    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    headers = b"".join(path.read_bytes() for path in sorted(source.parent.glob("*.h")))  # what it may include
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
@@ -84,12 +85,12 @@ def build(source: Path, flags: list[str] = FLAGS) -> Path:
     return target
 
 
-def load(source: Path, cpu_flag: str, flags: list[str] = FLAGS) -> ctypes.CDLL | None:
-    """The compiled library, or None where the CPU lacks `cpu_flag`, there is no working compiler, or
+def load(source: Path, cpu_flags: tuple[str, ...], flags: list[str] = FLAGS) -> ctypes.CDLL | None:
+    """The compiled library, or None where the CPU lacks one of `cpu_flags`, there is no working compiler, or
     PERCEIVER_CPU_KERNELS=0 turns our kernels off."""
     if os.environ.get("PERCEIVER_CPU_KERNELS", "1") == "0":
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or cpu_flag not in _cpu_flags():
+    if platform.machine().lower() not in ("x86_64", "amd64") or not set(cpu_flags) <= _cpu_flags():
         return None
     try:
         return ctypes.CDLL(str(build(source, flags)))
@@ -99,7 +100,7 @@ def load(source: Path, cpu_flag: str, flags: list[str] = FLAGS) -> ctypes.CDLL |
 
 @cache
 def _kernel():
-    library = load(SOURCE, "avx512_bf16")
+    library = load(SOURCE, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"))
     if library is None:
         return None
     function = library.bf16_flash_attention

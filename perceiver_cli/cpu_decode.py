@@ -44,7 +44,7 @@ class _Model(ctypes.Structure):
 
 @cache
 def _kernel():
-    library = load(SOURCE, "avx512f", FLAGS)
+    library = load(SOURCE, ("avx512f", "avx512bw", "avx512vl", "avx512dq"), FLAGS)
     if library is None:
         return None
     step = library.f32_decode_step

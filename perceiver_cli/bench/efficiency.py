@@ -10,20 +10,22 @@ Then, for the bench config of core.py:
   cached decode after a 4,096-token prompt at batch 1 and 16, over one whole refill cycle (N - R cached steps
       and their one refill): the steady rate of the cached steps over the streaming ceiling, where each step
       must read every weight once plus, per row, the cross-attention cache and the latent caches it attends
-      to; and the rate with the refill included. Three times: with the model's own nn.Linear layers, with the
-      fp32 StepLinears `--dtype fp32` decodes with, and with the step weights `--dtype auto` picks on this CPU
-      (`step_weights_dtype`).
+      to; and the rate with the refill included. With the model's own nn.Linear layers ("model"), with fp32
+      StepLinears ("fp32") and the StepLinears `step_weights_dtype` picks ("auto"), all three in PyTorch ops,
+      and ("fused") with the one-call C step of cpu_decode.py that `perceiver generate` runs where it is
+      available.
 bf16 rows run only where bf16 matmuls are fast (`cpu_has_fast_bf16`) unless asked for: elsewhere a bf16 GEMM
 runs ~100x slower than fp32 and one bf16 training step at 16k would take hours.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
-from .. import cpu_attention
+from .. import cpu_attention, cpu_decode
 from ..device import autocast, cpu_has_fast_bf16
 from ..generate import SamplingOptions, generate_stream, onednn_linear_available, step_model, step_weights_dtype
 from ..model import PerceiverAR, latent_loss
@@ -56,8 +58,19 @@ def read_bandwidth(num_elements: int) -> float:
     return values.numel() * 4 / best_time(values.sum, repeats=10)
 
 
-def decode_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int = 4096) -> dict:
-    """Greedy decode after a prompt of `prompt_length` tokens, timed token by token over one refill cycle."""
+def decode_cycle(
+    model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int = 4096, fused: bool = False
+) -> dict:
+    """Greedy decode after a prompt of `prompt_length` tokens, timed token by token over one refill cycle.
+
+    fused: cached steps by cpu_decode's C step (as `perceiver generate` runs them where it is available);
+    otherwise by PyTorch ops, on the StepLinears of `step_dtype` (None: the model's own layers)."""
+    # DecodeState takes the C step whenever it is given a stepper and the kernel is available
+    with contextlib.nullcontext() if fused else _without_fused_steps():
+        return _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length) | {"fused": fused}
+
+
+def _timed_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int) -> dict:
     c = model.config
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
     prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
@@ -86,6 +99,16 @@ def decode_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, p
         "tokens_per_s_with_refill": batch * len(durations) / sum(durations),
         "cached_steps": len(steady),
     }
+
+
+@contextlib.contextmanager
+def _without_fused_steps():
+    supports = cpu_decode.supports
+    cpu_decode.supports = lambda *args: False
+    try:
+        yield
+    finally:
+        cpu_decode.supports = supports
 
 
 def _step_weight_bytes(model: PerceiverAR, step_dtype) -> float:
@@ -179,14 +202,13 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     use_higher_limits(results, _gemm_peaks(peaks), streaming_bandwidth(parameters), when="middle")
     bandwidth = results["bandwidth_gb_s"] * 1e9
     model.eval()
-    # "model": the model's own nn.Linear layers; "fp32": the fp32 StepLinears `--dtype fp32` decodes with;
-    # "auto": the step weights `--dtype auto` picks on this CPU
     results["read_bandwidth_gb_s"] = read_bandwidth(parameters) / 1e9
     for batch in (1, 16):
         auto = step_weights_dtype(device, batch, torch.float32)  # decoding on a CPU computes in fp32
         steps = [("model", None), ("fp32", torch.float32)] + ([("auto", auto)] if auto != torch.float32 else [])
+        steps += [("fused", torch.float32)] if cpu_decode.available() else []
         for label, step_dtype in steps:
-            result = decode_cycle(model, batch, step_dtype, bandwidth)
+            result = decode_cycle(model, batch, step_dtype, bandwidth, fused=label == "fused")
             results[f"decode_batch{batch}_{label}"] = result
             log(f"decode batch {batch} ({label}): {result}")
     use_higher_limits(results, _gemm_peaks(peaks), streaming_bandwidth(parameters), when="end")

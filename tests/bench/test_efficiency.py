@@ -26,4 +26,8 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         assert fp32["step_weights"] == "float32" and fp32["cached_steps"] == 16  # N - R steps of one cycle
         ceiling = results["bandwidth_gb_s"] * 1e9 / fp32["bytes_per_step"] * batch
         assert abs(fp32["ceiling_tokens_per_s"] - ceiling) < 1e-6 * ceiling
+        assert not fp32["fused"]  # the PyTorch rows stay PyTorch even where the C step is available
+        fused = results.get(f"decode_batch{batch}_fused")
+        assert (fused is not None) == efficiency.cpu_decode.available()
+        assert fused is None or (fused["fused"] and fused["bytes_per_step"] == fp32["bytes_per_step"])
     assert results["read_bandwidth_gb_s"] > 0
