@@ -8,9 +8,10 @@
    splits its work (output rows of a product, heads of the attention) between them.
 
    The step is generate.DecodeState.step: the newest token's embedding is the new latent; it attends through
-   the cross-attention block to the cross-attention cache (keys/values of the window, the newest included,
-   written by DecodeState.append_inputs) and through each latent layer to that layer's cache, into which the
-   step writes its own key and value at slot `num_latents`; then the final norm and the head give its logits.
+   the cross-attention block to the cross-attention cache (keys/values of the window, the newest included:
+   written by DecodeState.append_inputs, or with `append` by this step) and through each latent layer to that
+   layer's cache, into which the step writes its own key and value at slot `num_latents`; then the final norm
+   and the head give its logits.
    Pre-LayerNorm blocks (eps from the model), rotary on the first 2 * rotary_half dims of each head in
    half-split pairs, exact GELU, nn.Linear weights without biases, row-major (out, in).
    Built by perceiver_cli/cpu_decode.py with the system C compiler; no PyTorch headers. */
@@ -38,6 +39,7 @@ typedef struct {
     int batch, d_model, heads, head_dim, rotary_half, hidden, vocab, layers;
     float eps;
     const float *embedding, *final_weight, *final_bias, *head;
+    const float *input_norm_weight, *input_norm_bias; /* the cross-attention block's norm of its inputs */
     const Block *blocks; /* the cross-attention block, then each latent layer */
 } Model;
 
@@ -46,8 +48,9 @@ typedef struct {
     const long *tokens;     /* (B,): the newest token of each row */
     const float *cos, *sin; /* (rotary_half,): the newest position's rotary tables */
     int cross_length, num_latents, threads;
+    int append; /* also compute the newest token's cross-attention key and value, into slot cross_length - 1 */
     float *logits;                                            /* (B, V) */
-    float *hidden, *normed, *query, *key_value, *mixed, *up; /* per row: D, D, D, 2D, D, F */
+    float *hidden, *query, *key_value, *mixed, *up; /* shared, per row: D, D, 2D, D, F */
     long scores_length;
 } Step;
 
@@ -98,9 +101,10 @@ INLINE void dot_rows(int R, const float *w, long w_stride, int in, const float *
         }
 }
 
-/* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of W (out, in) */
+/* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of W (out, in); with
+   `gelu`, y[b][lo:hi] = GELU(W[lo:hi] x[b]) (the MLP's up-projection, so that no barrier separates the two) */
 static void product(const Step *s, int id, const float *W, int out, int in, const float *x, long x_stride, float *y,
-                    long y_stride, int accumulate) {
+                    long y_stride, int accumulate, int gelu) {
     const int quads = (out + 3) / 4, lo = 4 * (int)((long)quads * id / s->threads);
     const int hi = 4 * (int)((long)quads * (id + 1) / s->threads);
     for (int o = lo; o < hi && o < out; o += 4) {
@@ -129,12 +133,18 @@ static void product(const Step *s, int id, const float *W, int out, int in, cons
             }
         }
     }
+    for (int b = 0; gelu && b < s->m->batch; b++)
+        for (int o = lo; o < hi && o < out; o += 16) {
+            const __mmask16 mask = tail_mask((hi < out ? hi : out) - o);
+            float *at = y + b * y_stride + o;
+            _mm512_mask_storeu_ps(at, mask, gelu_ps(_mm512_maskz_loadu_ps(mask, at)));
+        }
 }
 
-/* this thread's rows of LayerNorm(x) */
-static void layer_norm(const Step *s, int id, const float *x, const float *weight, const float *bias, float *y) {
+/* LayerNorm(x) of every row, by each thread into its own buffer: a few microseconds, and no barrier after it */
+static void layer_norm(const Step *s, const float *x, const float *weight, const float *bias, float *y) {
     const int D = s->m->d_model;
-    for (int b = id; b < s->m->batch; b += s->threads) {
+    for (int b = 0; b < s->m->batch; b++) {
         const float *row = x + (long)b * D;
         __m512 sum = _mm512_setzero_ps();
         for (int i = 0; i < D; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(row + i));
@@ -240,12 +250,13 @@ static void attend(const Step *s, const Block *block, int b, int h, const float 
 static void attention_phase(Step *s, int id, const Block *block, int is_cross, float *scores) {
     const Model *m = s->m;
     const int D = m->d_model, Dh = m->head_dim;
-    const long slot = s->num_latents, length = is_cross ? s->cross_length : s->num_latents + 1;
+    const long slot = is_cross ? s->cross_length - 1 : s->num_latents;
+    const long length = is_cross ? s->cross_length : s->num_latents + 1;
     for (int item = id; item < m->batch * m->heads; item += s->threads) {
         const int b = item / m->heads, h = item % m->heads;
         float *q = s->query + (long)b * D + h * Dh;
         rotate(s, q);
-        if (!is_cross) { /* this step's key and value go into the layer's cache at `slot` */
+        if (!is_cross || s->append) { /* this step's key and value go into the block's cache at `slot` */
             float *key = s->key_value + (long)b * 2 * D + h * Dh, *value = key + D;
             rotate(s, key);
             const long *st = block->cache_strides;
@@ -256,25 +267,16 @@ static void attention_phase(Step *s, int id, const Block *block, int is_cross, f
         attend(s, block, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh);
     }
     barrier(s);
-    product(s, id, block->out, D, D, s->mixed, D, s->hidden, D, 1); /* hidden += W_out mixed */
+    product(s, id, block->out, D, D, s->mixed, D, s->hidden, D, 1, 0); /* hidden += W_out mixed */
     barrier(s);
 }
 
-static void mlp_phase(Step *s, int id, const Block *block) {
-    const Model *m = s->m;
-    const int D = m->d_model, F = m->hidden;
-    layer_norm(s, id, s->hidden, block->norm_mlp_weight, block->norm_mlp_bias, s->normed);
+static void mlp_phase(Step *s, int id, const Block *block, float *normed) {
+    const int D = s->m->d_model, F = s->m->hidden;
+    layer_norm(s, s->hidden, block->norm_mlp_weight, block->norm_mlp_bias, normed);
+    product(s, id, block->up, F, D, normed, D, s->up, F, 0, 1); /* up = GELU(W_up normed) */
     barrier(s);
-    product(s, id, block->up, F, D, s->normed, D, s->up, F, 0);
-    barrier(s);
-    for (int b = id; b < m->batch; b += s->threads) /* GELU of each row, vectorised */
-        for (int i = 0; i < F; i += 16) {
-            __mmask16 mask = tail_mask(F - i);
-            float *at = s->up + (long)b * F + i;
-            _mm512_mask_storeu_ps(at, mask, gelu_ps(_mm512_maskz_loadu_ps(mask, at)));
-        }
-    barrier(s);
-    product(s, id, block->down, D, F, s->up, F, s->hidden, D, 1); /* hidden += W_down gelu(...) */
+    product(s, id, block->down, D, F, s->up, F, s->hidden, D, 1, 0); /* hidden += W_down up */
     barrier(s);
 }
 
@@ -282,39 +284,43 @@ static void run_step(Step *s, int id) {
     const Model *m = s->m;
     const int D = m->d_model;
     float *scores = aligned_alloc(64, sizeof(float) * s->scores_length);
+    float *normed = aligned_alloc(64, sizeof(float) * m->batch * D);
     for (int b = id; b < m->batch; b += s->threads)
         memcpy(s->hidden + (long)b * D, m->embedding + s->tokens[b] * D, sizeof(float) * D);
     barrier(s);
     for (int index = 0; index <= m->layers; index++) {
         const Block *block = &m->blocks[index];
         const int is_cross = index == 0;
-        layer_norm(s, id, s->hidden, block->norm_weight, block->norm_bias, s->normed);
-        barrier(s);
-        product(s, id, block->query, D, D, s->normed, D, s->query, D, 0);
-        if (!is_cross) product(s, id, block->key_value, 2 * D, D, s->normed, D, s->key_value, 2 * D, 0);
+        layer_norm(s, s->hidden, block->norm_weight, block->norm_bias, normed);
+        product(s, id, block->query, D, D, normed, D, s->query, D, 0, 0);
+        if (!is_cross) product(s, id, block->key_value, 2 * D, D, normed, D, s->key_value, 2 * D, 0, 0);
+        if (is_cross && s->append) { /* the newest token as an input: LayerNorm of its embedding, keys, values */
+            layer_norm(s, s->hidden, m->input_norm_weight, m->input_norm_bias, normed);
+            product(s, id, block->key_value, 2 * D, D, normed, D, s->key_value, 2 * D, 0, 0);
+        }
         barrier(s);
         attention_phase(s, id, block, is_cross, scores);
-        mlp_phase(s, id, block);
+        mlp_phase(s, id, block, normed);
     }
-    layer_norm(s, id, s->hidden, m->final_weight, m->final_bias, s->normed);
-    barrier(s);
-    product(s, id, m->head, m->vocab, D, s->normed, D, s->logits, m->vocab, 0);
-    free(scores);
+    layer_norm(s, s->hidden, m->final_weight, m->final_bias, normed);
+    product(s, id, m->head, m->vocab, D, normed, D, s->logits, m->vocab, 0, 0);
+    free(scores), free(normed);
 }
 
 /* Bytes of the workspace f32_decode_step needs. */
 long f32_decode_workspace(const Model *m) {
-    return sizeof(float) * (long)m->batch * (6L * m->d_model + m->hidden);
+    return sizeof(float) * (long)m->batch * (5L * m->d_model + m->hidden);
 }
 
 /* Returns 0 on success, 1 for unsupported sizes. `workspace` holds f32_decode_workspace(m) bytes. */
 int f32_decode_step(const Model *m, const long *tokens, const float *cos, const float *sin, int cross_length,
-                    int num_latents, int threads, float *logits, float *workspace) {
+                    int num_latents, int append, int threads, float *logits, float *workspace) {
     if (m->d_model % 16 || m->hidden % 16 || m->head_dim % 16 || m->head_dim > 128 || cross_length < 1) return 1;
-    Step s = {m, tokens, cos, sin, cross_length, num_latents, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads};
+    Step s = {m, tokens, cos, sin, cross_length, num_latents, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads,
+              append};
     const long B = m->batch, D = m->d_model;
     s.logits = logits;
-    s.hidden = workspace, s.normed = s.hidden + B * D, s.query = s.normed + B * D, s.key_value = s.query + B * D;
+    s.hidden = workspace, s.query = s.hidden + B * D, s.key_value = s.query + B * D;
     s.mixed = s.key_value + 2 * B * D, s.up = s.mixed + B * D;
     s.scores_length = ((cross_length > num_latents + 1 ? cross_length : num_latents + 1) + 15) / 16 * 16;
     /* OpenMP from the runtime PyTorch already loaded (libgomp, matched by its soname): the threads PyTorch's
@@ -324,6 +330,23 @@ int f32_decode_step(const Model *m, const long *tokens, const float *cos, const 
 #pragma omp single
         s.threads = omp_get_num_threads();
         run_step(&s, omp_get_thread_num());
+    }
+    return 0;
+}
+
+/* y (rows, out) = x (rows, in) W^T with the step's own product: lets `perceiver bench --efficiency` measure the
+   streaming bandwidth with every matvec kernel a step may use. */
+int f32_matvec(const float *W, int out, int in, const float *x, int rows, float *y, int threads) {
+    if (in % 16 || rows < 1) return 1;
+    Model m = {0};
+    m.batch = rows;
+    Step s = {&m};
+    s.threads = threads < 1 ? 1 : threads;
+#pragma omp parallel num_threads(s.threads)
+    {
+#pragma omp single
+        s.threads = omp_get_num_threads();
+        product(&s, omp_get_thread_num(), W, out, in, x, in, y, out, 0, 0);
     }
     return 0;
 }

@@ -38,6 +38,7 @@ class _Model(ctypes.Structure):
         ("layers", ctypes.c_int),
         ("eps", ctypes.c_float),
         *((name, _pointer) for name in ("embedding", "final_weight", "final_bias", "head")),
+        *((name, _pointer) for name in ("input_norm_weight", "input_norm_bias")),
         ("blocks", ctypes.POINTER(_Block)),
     ]
 
@@ -48,12 +49,14 @@ def _kernel():
     if library is None:
         return None
     step = library.f32_decode_step
-    step.argtypes = [ctypes.POINTER(_Model), _pointer, _pointer, _pointer, ctypes.c_int, ctypes.c_int]
-    step.argtypes += [ctypes.c_int, _pointer, _pointer]
+    step.argtypes = [ctypes.POINTER(_Model), _pointer, _pointer, _pointer] + [ctypes.c_int] * 4 + [_pointer] * 2
     step.restype = ctypes.c_int
     workspace = library.f32_decode_workspace
     workspace.argtypes, workspace.restype = [ctypes.POINTER(_Model)], ctypes.c_long
-    return step, workspace
+    matvec = library.f32_matvec
+    matvec.argtypes = [_pointer, ctypes.c_int, ctypes.c_int, _pointer, ctypes.c_int, _pointer, ctypes.c_int]
+    matvec.restype = ctypes.c_int
+    return step, workspace, matvec
 
 
 def available() -> bool:
@@ -115,20 +118,38 @@ class FusedStep:
             state.batch, c.d_model, c.num_heads, c.head_dim, c.rotary_dim // 2, int(c.d_model * c.mlp_ratio),
             c.vocab_size, c.num_layers, model.final_norm.eps,
             address(model.embedding.weight), address(model.final_norm.weight), address(model.final_norm.bias),
-            address(model.head.weight), ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
+            address(model.head.weight),
+            address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),
+            ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
         )  # fmt: skip
-        self.step, workspace_bytes = _kernel()
+        self.step, workspace_bytes, _ = _kernel()
         self.workspace = torch.empty(workspace_bytes(ctypes.byref(self.spec)) // 4)
         self.logits = torch.empty(state.batch, c.vocab_size)
 
-    def __call__(self, tokens: Tensor, position: int, cross_length: int, num_latents: int) -> Tensor:
-        """Logits (B, V) of the newest tokens (B,) at `position`; writes their keys/values at slot num_latents."""
+    def __call__(
+        self, tokens: Tensor, position: int, cross_length: int, num_latents: int, append: bool = False
+    ) -> Tensor:
+        """Logits (B, V) of the newest tokens (B,) at `position`; writes their latent keys/values at slot
+        num_latents, and with `append` also their cross-attention keys/values at slot cross_length - 1."""
         tokens = tokens.to(torch.long).contiguous()
         cos, sin = (t.reshape(-1).contiguous() for t in self.model.rope(torch.tensor([[position]])))
         status = self.step(
             ctypes.byref(self.spec), tokens.data_ptr(), cos.data_ptr(), sin.data_ptr(), cross_length, num_latents,
-            torch.get_num_threads(), self.logits.data_ptr(), self.workspace.data_ptr(),
+            int(append), torch.get_num_threads(), self.logits.data_ptr(), self.workspace.data_ptr(),
         )  # fmt: skip
         if status:
             raise RuntimeError(f"cpu_decode kernel failed with status {status}")
         return self.logits.clone()
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x (rows, in) @ weight (out, in)^T by the fused step's own product, fp32 (for benchmarks and tests)."""
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0])
+    status = _kernel()[2](
+        weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise RuntimeError(f"cpu_decode matvec failed with status {status}")
+    return y

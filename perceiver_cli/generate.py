@@ -255,6 +255,7 @@ class DecodeState:
         self.latent_capacity = c.num_latents
         self.batch, self.device = batch, device
         self.fused: cpu_decode.FusedStep | bool | None = None  # None: not decided yet
+        self.pending_append = False  # the newest token's cross-attention keys/values are left to the fused step
 
     def _allocate(self, like: Tensor) -> None:
         c = self.model.config
@@ -282,9 +283,25 @@ class DecodeState:
         start = self.length
         self.tokens[:, start : start + tokens.shape[1]] = tokens
         self.length += tokens.shape[1]
+        if self.fused and tokens.shape[1] == 1:
+            # the fused step computes them with the rest of the step, in the same call (a refill first calls
+            # _append_pending); the slot is taken now
+            self.pending_append = True
+            self.cross_length = self.length - self.cross_start
+            if self.cross_length > self.cross_capacity:  # the C step writes there unchecked
+                raise RuntimeError(f"cross-attention cache full ({self.cross_capacity} positions)")
+            return
+        self._append_key_values(tokens, start)
+
+    def _append_pending(self) -> None:
+        if self.pending_append:
+            self.pending_append = False
+            self._append_key_values(self.tokens[:, self.length - 1 : self.length], self.length - 1)
+
+    def _append_key_values(self, tokens: Tensor, start: int) -> None:
         model = self.stepper if tokens.shape[1] == 1 else self.model  # one new token is matrix-vector work
         key, value = model.cross_attention.input_key_value(
-            model.embedding(tokens), model.rope(self._positions(start, self.length))
+            model.embedding(tokens), model.rope(self._positions(start, start + tokens.shape[1]))
         )
         if self.cross_key is None:
             self._allocate(key)
@@ -306,6 +323,7 @@ class DecodeState:
     def latent_pass(self, window: Window) -> Tensor:
         """Fresh pass over the window's last n positions: fills the latent caches, returns last logits (B, V)."""
         assert window.end == self.length
+        self._append_pending()
         self.slide_to(window.start)
         n = window.num_latents
         positions = self._positions(window.end - n, window.end)
@@ -331,8 +349,9 @@ class DecodeState:
             # the kernel is available: fp32 arithmetic, faster than any stepper's PyTorch ops (cpu_decode.py)
             self.fused = cpu_decode.FusedStep(self.model, self) if cpu_decode.supports(self.model, self) else False
         if self.fused:
-            logits = self.fused(self.tokens[:, position], position, self.cross_length, self.num_latents)
-            self.num_latents += 1
+            tokens, append = self.tokens[:, position], self.pending_append
+            logits = self.fused(tokens, position, self.cross_length, self.num_latents, append)
+            self.num_latents, self.pending_append = self.num_latents + 1, False
             return logits
         rope = model.rope(self._positions(position, position + 1))
         latent = model.embedding(self.tokens[:, position : position + 1])  # (B, 1, D)

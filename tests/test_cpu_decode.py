@@ -67,6 +67,31 @@ def test_fused_step_matches_the_pytorch_step(batch, overrides):
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_step_appends_the_newest_inputs_keys_and_values(batch):
+    model = random_model(7, rotary_fraction=1.0)
+    c = model.config
+    with torch.no_grad():
+        state, window = prefilled_state(model, batch, 50, step_model(model, torch.float32, batch))
+        fused = cpu_decode.FusedStep(model, state)
+        state.fused = False
+        window = next_window(window, c.max_context, c.num_latents, None)
+        state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))  # PyTorch writes slot cross_length - 1
+        slot = state.cross_length - 1
+        cache_key, cache_value = state.cross_key[:, :, slot].clone(), state.cross_value[:, :, slot].clone()
+        latents = [t.clone() for t in state.latent_keys + state.latent_values]
+        expected = state.step(window)
+        state.cross_key[:, :, slot], state.cross_value[:, :, slot] = -1.0, -1.0  # the kernel must write them
+        for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
+            cache.copy_(before)
+        position = window.end - 1
+        got = fused(state.tokens[:, position], position, state.cross_length, state.num_latents - 1, append=True)
+        torch.testing.assert_close(state.cross_key[:, :, slot], cache_key, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state.cross_value[:, :, slot], cache_value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
 def test_generation_with_a_stepper_runs_fused_and_keeps_the_tokens():
     """Greedy tokens with the fused steps equal the exact path's over several refills; logits to 1e-4."""
     model = random_model(0)
@@ -106,3 +131,11 @@ def test_disabled_by_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         cpu_decode._kernel.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, out, size", [(1, 4096, 6960), (16, 50, 64), (3, 7, 32)])
+def test_the_steps_product_is_a_linear_layer(rows, out, size):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, size), torch.randn(out, size)
+    torch.testing.assert_close(cpu_decode.linear(x, weight), x @ weight.T, rtol=1e-4, atol=1e-3)

@@ -39,15 +39,18 @@ def gemm_peak(dtype: torch.dtype, size: int = 2048) -> float:
 
 def streaming_bandwidth(num_elements: int) -> float:
     """Bytes per second of one fp32 matvec over `num_elements` weights (the decode-time access pattern), by the
-    fastest of the kernels a step may use: MKL's gemv behind F.linear and oneDNN's on prepacked weights
-    (generate.StepLinear). A ceiling from a slower kernel than the steps use would flatter every fraction."""
+    fastest of the kernels a step may use: MKL's gemv behind F.linear, oneDNN's on prepacked weights
+    (generate.StepLinear) and the fused C step's own product (cpu_decode.linear). A ceiling from a slower kernel
+    than the steps use would flatter every fraction."""
     rows = 4096
-    weight = torch.randn(rows, num_elements // rows)
-    vector = torch.randn(1, num_elements // rows)
+    weight = torch.randn(rows, max(16, num_elements // rows // 16 * 16))  # the C product: rows of 16k floats
+    vector = torch.randn(1, weight.shape[1])
     kernels = [lambda: torch.nn.functional.linear(vector, weight)]
     if onednn_linear_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(vector, packed, None, "none", [], ""))
+    if cpu_decode.available():
+        kernels.append(lambda: cpu_decode.linear(vector, weight))
     return max(weight.numel() * 4 / best_time(kernel, repeats=10) for kernel in kernels)
 
 
