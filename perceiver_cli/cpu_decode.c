@@ -84,6 +84,13 @@ INLINE void dot_rows(int R, const float *w, long w_stride, int in, const float *
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (int i = 0; i < in; i += 16) {
+        /* the next four rows into L2 while these four stream: the layer matrices are 1-4 MB, too short for the
+           hardware prefetcher to reach full speed on its own (batch 1: 7.0-7.5 -> 4.8-5.4 ms a step). Past the
+           last row these are hints to addresses that may not exist, which x86 ignores. */
+        _mm_prefetch((const char *)(w + 4 * w_stride + i), _MM_HINT_T1);
+        _mm_prefetch((const char *)(w + 5 * w_stride + i), _MM_HINT_T1);
+        _mm_prefetch((const char *)(w + 6 * w_stride + i), _MM_HINT_T1);
+        _mm_prefetch((const char *)(w + 7 * w_stride + i), _MM_HINT_T1);
         __m512 w0 = _mm512_loadu_ps(w + i), w1 = _mm512_loadu_ps(w + w_stride + i);
         __m512 w2 = _mm512_loadu_ps(w + 2 * w_stride + i), w3 = _mm512_loadu_ps(w + 3 * w_stride + i);
         for (int r = 0; r < R; r++) {

@@ -10,6 +10,7 @@ GELU/exp accurate to ~2e-7. Built and loaded like cpu_attention.py; `available()
 from __future__ import annotations
 
 import ctypes
+import math
 from functools import cache
 from pathlib import Path
 
@@ -125,6 +126,8 @@ class FusedStep:
         self.step, workspace_bytes, _ = _kernel()
         self.workspace = torch.empty(workspace_bytes(ctypes.byref(self.spec)) // 4)
         self.logits = torch.empty(state.batch, c.vocab_size)
+        # model.rotary_tables' frequencies in float64, so that each step's tables cost no PyTorch ops
+        self.inverse_frequencies = [c.rotary_base ** (-(2 * i) / c.rotary_dim) for i in range(c.rotary_dim // 2)]
 
     def __call__(
         self, tokens: Tensor, position: int, cross_length: int, num_latents: int, append: bool = False
@@ -132,9 +135,11 @@ class FusedStep:
         """Logits (B, V) of the newest tokens (B,) at `position`; writes their latent keys/values at slot
         num_latents, and with `append` also their cross-attention keys/values at slot cross_length - 1."""
         tokens = tokens.to(torch.long).contiguous()
-        cos, sin = (t.reshape(-1).contiguous() for t in self.model.rope(torch.tensor([[position]])))
+        half = len(self.inverse_frequencies)
+        cos = (ctypes.c_float * half)(*(math.cos(position * f) for f in self.inverse_frequencies))
+        sin = (ctypes.c_float * half)(*(math.sin(position * f) for f in self.inverse_frequencies))
         status = self.step(
-            ctypes.byref(self.spec), tokens.data_ptr(), cos.data_ptr(), sin.data_ptr(), cross_length, num_latents,
+            ctypes.byref(self.spec), tokens.data_ptr(), cos, sin, cross_length, num_latents,
             int(append), torch.get_num_threads(), self.logits.data_ptr(), self.workspace.data_ptr(),
         )  # fmt: skip
         if status:
