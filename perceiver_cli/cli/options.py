@@ -18,8 +18,9 @@ GenerateDtype = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="auto | fp32 | bf16. auto: bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, and one sample's "
-        "token-by-token steps on a CPU read bf16 copies of the weights (faster); fp32: exact fp32 throughout.",
+        help="auto | fp32 | bf16. auto: bf16 autocast on CUDA; on a CPU with AVX-512 and a C compiler each "
+        "token-by-token step is one fp32 C call, elsewhere the steps read bf16 copies of the weights (faster); "
+        "fp32: exact fp32 throughout.",
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
