@@ -32,7 +32,7 @@ typedef struct {
     const float *norm_mlp_weight, *norm_mlp_bias;
     const float *up, *down; /* (F, D), (D, F) */
     float *keys, *values;   /* this block's caches */
-    long cache_strides[4];  /* batch, head, position, dim: rows (.., .., Dh, 1) or transposed (.., .., 1, T) */
+    long cache_strides[4];  /* batch, head, position, dim; rows: unit stride along dim */
 } Block;
 
 typedef struct {
@@ -186,32 +186,11 @@ static void attend(const Step *s, const Block *block, int b, int h, const float 
     const long *st = block->cache_strides;
     const float *k = block->keys + b * st[0] + h * st[1], *v = block->values + b * st[0] + h * st[1];
     const float scale = 1.0f / sqrtf((float)D);
-    if (st[3] == 1) { /* rows: one dot product of D floats per key */
-        for (long t = 0; t < length; t++) {
-            const float *row = k + t * st[2];
-            __m512 acc = _mm512_setzero_ps();
-            for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + d), _mm512_loadu_ps(q + d), acc);
-            scores[t] = _mm512_reduce_add_ps(acc) * scale;
-        }
-    } else { /* transposed: 128 keys at a time, their scores in registers across the Dh rows of K^T */
-        long t = 0;
-        for (; t + 128 <= length; t += 128) {
-            __m512 acc[8];
-            for (int c = 0; c < 8; c++) acc[c] = _mm512_setzero_ps();
-            for (int d = 0; d < D; d++) {
-                const float *row = k + d * st[3] + t;
-                __m512 qd = _mm512_set1_ps(q[d]);
-                for (int c = 0; c < 8; c++) acc[c] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(row + 16 * c), acc[c]);
-            }
-            for (int c = 0; c < 8; c++) _mm512_storeu_ps(scores + t + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(scale)));
-        }
-        for (; t < length; t += 16) {
-            __mmask16 m = tail_mask(length - t);
-            __m512 acc = _mm512_setzero_ps();
-            for (int d = 0; d < D; d++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_maskz_loadu_ps(m, k + d * st[3] + t), acc);
-            _mm512_mask_storeu_ps(scores + t, m, _mm512_mul_ps(acc, _mm512_set1_ps(scale)));
-        }
+    for (long t = 0; t < length; t++) { /* one dot product of D floats per key */
+        const float *row = k + t * st[2];
+        __m512 acc = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + d), _mm512_loadu_ps(q + d), acc);
+        scores[t] = _mm512_reduce_add_ps(acc) * scale;
     }
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (long t = 0; t < length; t += 16)
@@ -226,31 +205,14 @@ static void attend(const Step *s, const Block *block, int b, int h, const float 
         total = _mm512_add_ps(total, p);
     }
     const float inverse = 1.0f / _mm512_reduce_add_ps(total);
-    if (st[3] == 1) { /* rows: out += p[t] V[t] */
-        __m512 acc[8];
-        for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
-        for (long t = 0; t < length; t++) {
-            const float *row = v + t * st[2];
-            __m512 p = _mm512_set1_ps(scores[t]);
-            for (int c = 0; c < D / 16; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 16 * c), acc[c]);
-        }
-        for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
-    } else { /* transposed: out[d] = p . V^T[d] */
-        for (int d = 0; d < D; d++) {
-            const float *row = v + d * st[3];
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            long t = 0;
-            for (; t + 32 <= length; t += 32) {
-                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(scores + t), _mm512_loadu_ps(row + t), acc0);
-                acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(scores + t + 16), _mm512_loadu_ps(row + t + 16), acc1);
-            }
-            for (; t < length; t += 16) {
-                __mmask16 m = tail_mask(length - t);
-                acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, scores + t), _mm512_maskz_loadu_ps(m, row + t), acc0);
-            }
-            out[d] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * inverse;
-        }
+    __m512 acc[8]; /* out += p[t] V[t] */
+    for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
+    for (long t = 0; t < length; t++) {
+        const float *row = v + t * st[2];
+        __m512 p = _mm512_set1_ps(scores[t]);
+        for (int c = 0; c < D / 16; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 16 * c), acc[c]);
     }
+    for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
 }
 
 /* the attention part of a block for this thread's (row, head) items, then its output projection */

@@ -65,14 +65,15 @@ def available() -> bool:
 
 
 def supports(model: nn.Module, state) -> bool:
-    """fp32 CPU weights and caches (a refill under bf16 autocast leaves bf16 caches), sizes the kernel takes
-    (multiples of 16), one LayerNorm eps, and the kernel built."""
+    """fp32 CPU weights and caches stored as rows (a refill under bf16 autocast leaves bf16 caches; without the
+    kernel the cross-attention cache is transposed), sizes the kernel takes (multiples of 16), one LayerNorm eps,
+    and the kernel built."""
     c = model.config
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     caches = [state.cross_key, state.cross_value, *state.latent_keys, *state.latent_values]
     return (
         all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
-        and all(t is not None and t.dtype == torch.float32 for t in caches)
+        and all(t is not None and t.dtype == torch.float32 and t.stride(-1) == 1 for t in caches)
         and c.d_model % 16 == 0
         and c.head_dim % 16 == 0
         and c.head_dim <= 128

@@ -269,9 +269,16 @@ class DecodeState:
         # Only the cross-attention cache (~4,100 keys, one write per step) is transposed. Each step also writes
         # one key and value into every latent layer's cache, one float per cache line in the transposed layout:
         # with the latent caches transposed too, batch-16 steps were level in fp32 and 5-26% slower with bf16
-        # step weights (four alternated rounds; BENCHMARKS.md "Decode per-token overhead").
+        # step weights (four alternated rounds; BENCHMARKS.md "Decode per-token overhead"). The fused C step
+        # reads rows faster than the transposed layout (batch 16: its cross-attention 216-236 vs 294-483 ms
+        # per 30 steps), so where it will run, the cross-attention cache is rows too.
+        fused_likely = self.stepper is not self.model and like.dtype == torch.float32 and cpu_decode.available()
+        rows = (self.batch, c.num_heads, self.cross_capacity, c.head_dim)
+        if fused_likely and like.device.type == "cpu":
+            self.cross_key, self.cross_value = like.new_empty(rows), like.new_empty(rows)
+        else:
+            self.cross_key, self.cross_value = transposed(self.cross_capacity), transposed(self.cross_capacity)
         latent_shape = (self.batch, c.num_heads, self.latent_capacity, c.head_dim)
-        self.cross_key, self.cross_value = transposed(self.cross_capacity), transposed(self.cross_capacity)
         self.latent_keys = [like.new_empty(latent_shape) for _ in self.model.layers]
         self.latent_values = [like.new_empty(latent_shape) for _ in self.model.layers]
 
