@@ -236,6 +236,7 @@ class DecodeState:
         total_length: int,
         device: torch.device,
         stepper: PerceiverAR | None = None,
+        num_latents: int | None = None,
     ):
         c = model.config
         self.model = model
@@ -252,7 +253,8 @@ class DecodeState:
         self.latent_keys: list[Tensor] = []
         self.latent_values: list[Tensor] = []
         self.num_latents = 0
-        self.latent_capacity = c.num_latents
+        # the most latents a window will hold: more than the training value when --latents asks for more
+        self.latent_capacity = max(c.num_latents, num_latents or 0)
         self.batch, self.device = batch, device
         self.fused: cpu_decode.FusedStep | bool | None = None  # None: not decided yet
         self.pending_append = False  # the newest token's cross-attention keys/values are left to the fused step
@@ -356,6 +358,8 @@ class DecodeState:
             # the kernel is available: fp32 arithmetic, faster than any stepper's PyTorch ops (cpu_decode.py)
             self.fused = cpu_decode.FusedStep(self.model, self) if cpu_decode.supports(self.model, self) else False
         if self.fused:
+            if self.num_latents >= self.latent_capacity:  # the C step writes slot num_latents unchecked
+                raise RuntimeError(f"latent caches full ({self.latent_capacity} positions)")
             tokens, append = self.tokens[:, position], self.pending_append
             logits = self.fused(tokens, position, self.cross_length, self.num_latents, append)
             self.num_latents, self.pending_append = self.num_latents + 1, False
@@ -424,7 +428,7 @@ def generate_stream(
     total = prompt_length + max_new_tokens
     window = prompt_window(prompt_length, c.max_context, n, refill_latents)
     if use_cache:
-        state = DecodeState(model, batch, total, prompt.device, stepper)
+        state = DecodeState(model, batch, total, prompt.device, stepper, num_latents=n)
         state.tokens[:, : window.start] = prompt[:, : window.start]
         state.length = state.cross_start = window.start  # inputs before the window are never attended to
         state.append_inputs(prompt[:, window.start :])

@@ -141,3 +141,17 @@ def test_the_steps_product_is_a_linear_layer(rows, out, size):
     torch.manual_seed(rows)
     x, weight = torch.randn(rows, size), torch.randn(out, size)
     torch.testing.assert_close(cpu_decode.linear(x, weight), x @ weight.T, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
+def test_fused_steps_with_more_latents_than_trained():
+    model = random_model(2)  # trained with 24 latents
+    prompt = torch.randint(0, 51, (1, 60), generator=torch.Generator().manual_seed(4))
+    options = SamplingOptions(temperature=0)
+    fast = list(
+        generate_stream(model, prompt, 50, options, num_latents=48, stepper=step_model(model, torch.float32))
+    )
+    exact = list(generate_stream(model, prompt, 50, options, num_latents=48, use_cache=False))
+    assert max(step.window.num_latents for step in fast) == 48
+    for a, b in zip(exact, fast, strict=True):
+        assert torch.equal(a.tokens, b.tokens)

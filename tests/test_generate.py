@@ -221,3 +221,18 @@ def test_stream_can_stop_early_and_reports_windows(model):
             break
     assert [s.window.end for s in steps] == list(range(1, 8))
     assert steps[0].logits.shape == (1, 29)
+
+
+@pytest.mark.parametrize("fp32_stepper", [False, True])
+def test_more_latents_than_trained_at_inference(model, fp32_stepper):
+    """--latents above the training value: the caches grow to hold the larger windows (they were sized by the
+    config and the first refill past it failed), and cached tokens still equal uncached ones."""
+    prompt = torch.randint(0, 29, (2, 30), generator=torch.Generator().manual_seed(5))
+    options = SamplingOptions(temperature=0)
+    stepper = step_model(model, torch.float32, 2) if fp32_stepper else None
+    cached = list(generate_stream(model, prompt, 40, options, num_latents=2 * LATENTS, stepper=stepper))
+    uncached = list(generate_stream(model, prompt, 40, options, num_latents=2 * LATENTS, use_cache=False))
+    assert max(step.window.num_latents for step in cached) == 2 * LATENTS
+    for a, b in zip(cached, uncached, strict=True):
+        assert torch.equal(a.tokens, b.tokens)
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
