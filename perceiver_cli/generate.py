@@ -183,14 +183,17 @@ class StepLinear(nn.Module):
         super().__init__()
         assert linear.bias is None
         weight = linear.weight.detach().to(dtype)
+        self.rows = max(1, rows)
+        # packed at the first call, as an opaque oneDNN tensor (not a parameter: it is never saved, trained or
+        # copied); where the fused C step runs the steps (cpu_decode.py), no call comes and no copy is made
         self.packed: Tensor | None = None
-        if weight.device.type == "cpu" and onednn_linear_available():
-            # an opaque oneDNN tensor (not a parameter: it is never saved, trained or copied)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, max(1, rows))
+        self.prepack = weight.device.type == "cpu" and onednn_linear_available()
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
+        if self.prepack and self.packed is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.rows)
         if self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         else:
@@ -256,7 +259,7 @@ class DecodeState:
         # the most latents a window will hold: more than the training value when --latents asks for more
         self.latent_capacity = max(c.num_latents, num_latents or 0)
         self.batch, self.device = batch, device
-        self.fused: cpu_decode.FusedStep | bool | None = None  # None: not decided yet
+        self.fused: cpu_decode.FusedStep | bool | None = None  # decided with the caches (_allocate)
         self.pending_append = False  # the newest token's cross-attention keys/values are left to the fused step
 
     def _allocate(self, like: Tensor) -> None:
@@ -283,6 +286,10 @@ class DecodeState:
         latent_shape = (self.batch, c.num_heads, self.latent_capacity, c.head_dim)
         self.latent_keys = [like.new_empty(latent_shape) for _ in self.model.layers]
         self.latent_values = [like.new_empty(latent_shape) for _ in self.model.layers]
+        # With a stepper (anything but the exact reference path), every cached step is one C call where the
+        # kernel is available: fp32 arithmetic, faster than any stepper's PyTorch ops (cpu_decode.py)
+        fused = self.stepper is not self.model and cpu_decode.supports(self.model, self)
+        self.fused = cpu_decode.FusedStep(self.model, self) if fused else False
 
     def _positions(self, start: int, end: int) -> Tensor:
         return torch.arange(start, end, device=self.device)[None]  # (1, T)
@@ -353,10 +360,6 @@ class DecodeState:
         assert window.end == self.length and window.num_latents == self.num_latents + 1
         model = self.stepper
         position = window.end - 1
-        if self.fused is None and model is not self.model:
-            # With a stepper (anything but the exact reference path), run the whole step as one C call where
-            # the kernel is available: fp32 arithmetic, faster than any stepper's PyTorch ops (cpu_decode.py)
-            self.fused = cpu_decode.FusedStep(self.model, self) if cpu_decode.supports(self.model, self) else False
         if self.fused:
             if self.num_latents >= self.latent_capacity:  # the C step writes slot num_latents unchecked
                 raise RuntimeError(f"latent caches full ({self.latent_capacity} positions)")

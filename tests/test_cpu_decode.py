@@ -117,7 +117,7 @@ def test_the_state_picks_the_fused_step_only_where_it_applies():
         exact, window = prefilled_state(model, 1, 50, None)  # no stepper: the reference path stays PyTorch
         exact.append_inputs(torch.zeros(1, 1, dtype=torch.long))
         exact.step(next_window(window, 96, 24, None))
-        assert exact.fused is None
+        assert exact.fused is False
         assert exact.cross_key.stride(-2) == 1 and not cpu_decode.supports(model, exact)  # transposed for bmm
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 caches: not for the fp32 kernel
             bf16_state, _ = prefilled_state(model, 1, 50, step_model(model, torch.float32))
