@@ -28,17 +28,19 @@
 
 typedef struct {
     const float *norm_weight, *norm_bias; /* before the attention (the cross-attention block's norm_query) */
-    const float *query, *key_value, *out; /* (D, D), (2D, D), (D, D); key_value unused for the cross-attention */
+    const void *query, *key_value, *out; /* (D, D), (2D, D), (D, D), fp32 or bf16 (Model.weights_bf16) */
     const float *norm_mlp_weight, *norm_mlp_bias;
-    const float *up, *down; /* (F, D), (D, F) */
+    const void *up, *down; /* (F, D), (D, F) */
     float *keys, *values;   /* this block's caches */
     long cache_strides[4];  /* batch, head, position, dim; rows: unit stride along dim */
 } Block;
 
 typedef struct {
     int batch, d_model, heads, head_dim, rotary_half, hidden, vocab, layers;
+    int weights_bf16; /* the products' weights (not the embedding, norms or caches) are bf16: half the bytes */
     float eps;
-    const float *embedding, *final_weight, *final_bias, *head;
+    const float *embedding, *final_weight, *final_bias;
+    const void *head;
     const float *input_norm_weight, *input_norm_bias; /* the cross-attention block's norm of its inputs */
     const Block *blocks; /* the cross-attention block, then each latent layer */
 } Model;
@@ -76,9 +78,21 @@ INLINE __m512 gelu_ps(__m512 x) {
     return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf, _mm512_set1_ps(1.0f)));
 }
 
+/* 16 weights from element `at` of an fp32 or bf16 row, as fp32 (bf16 is the top half of an fp32) */
+INLINE __m512 load_weights(const void *w, long at, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)w + at);
+    __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + at));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+INLINE const char *weight_address(const void *w, long at, int bf16) {
+    return bf16 ? (const char *)((const uint16_t *)w + at) : (const char *)((const float *)w + at);
+}
+
 /* Four weight rows against `R` input rows: y[r][o] (+)= w_o . x[r]. Four rows stream from memory at once (one
-   row at a time left the memory idle between the loads of a single stream), and each is read once for all R. */
-INLINE void dot_rows(int R, const float *w, long w_stride, int in, const float *x, long x_stride, float *y,
+   row at a time left the memory idle between the loads of a single stream), and each is read once for all R.
+   bf16 weights are widened to fp32 as they are loaded; the arithmetic stays fp32. */
+INLINE void dot_rows(int R, int bf16, const void *w, long w_stride, int in, const float *x, long x_stride, float *y,
                      long y_stride, int accumulate) {
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
@@ -87,12 +101,9 @@ INLINE void dot_rows(int R, const float *w, long w_stride, int in, const float *
         /* the next four rows into L2 while these four stream: the layer matrices are 1-4 MB, too short for the
            hardware prefetcher to reach full speed on its own (batch 1: 7.0-7.5 -> 4.8-5.4 ms a step). Past the
            last row these are hints to addresses that may not exist, which x86 ignores. */
-        _mm_prefetch((const char *)(w + 4 * w_stride + i), _MM_HINT_T1);
-        _mm_prefetch((const char *)(w + 5 * w_stride + i), _MM_HINT_T1);
-        _mm_prefetch((const char *)(w + 6 * w_stride + i), _MM_HINT_T1);
-        _mm_prefetch((const char *)(w + 7 * w_stride + i), _MM_HINT_T1);
-        __m512 w0 = _mm512_loadu_ps(w + i), w1 = _mm512_loadu_ps(w + w_stride + i);
-        __m512 w2 = _mm512_loadu_ps(w + 2 * w_stride + i), w3 = _mm512_loadu_ps(w + 3 * w_stride + i);
+        for (int j = 4; j < 8; j++) _mm_prefetch(weight_address(w, j * w_stride + i, bf16), _MM_HINT_T1);
+        __m512 w0 = load_weights(w, i, bf16), w1 = load_weights(w, w_stride + i, bf16);
+        __m512 w2 = load_weights(w, 2 * w_stride + i, bf16), w3 = load_weights(w, 3 * w_stride + i, bf16);
         for (int r = 0; r < R; r++) {
             __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
             acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
@@ -110,14 +121,15 @@ INLINE void dot_rows(int R, const float *w, long w_stride, int in, const float *
 
 /* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of W (out, in); with
    `gelu`, y[b][lo:hi] = GELU(W[lo:hi] x[b]) (the MLP's up-projection, so that no barrier separates the two) */
-static void product(const Step *s, int id, const float *W, int out, int in, const float *x, long x_stride, float *y,
+static void product(const Step *s, int id, const void *W, int out, int in, const float *x, long x_stride, float *y,
                     long y_stride, int accumulate, int gelu) {
+    const int bf16 = s->m->weights_bf16;
     const int quads = (out + 3) / 4, lo = 4 * (int)((long)quads * id / s->threads);
     const int hi = 4 * (int)((long)quads * (id + 1) / s->threads);
     for (int o = lo; o < hi && o < out; o += 4) {
         const int count = out - o < 4 ? out - o : 4; /* a last, partial group: one row at a time, repeated */
         for (int j = 0; j < (count == 4 ? 1 : count); j++) {
-            const float *w = W + (long)(o + j) * in;
+            const void *w = weight_address(W, (long)(o + j) * in, bf16);
             const long w_stride = count == 4 ? in : 0;
             for (int b = 0; b < s->m->batch; b += 4) {
                 const int rows = s->m->batch - b < 4 ? s->m->batch - b : 4;
@@ -126,11 +138,15 @@ static void product(const Step *s, int id, const float *W, int out, int in, cons
                 float *target = count == 4 ? y + b * y_stride + o : spare;
                 const long stride = count == 4 ? y_stride : 4;
                 const int add = count == 4 && accumulate;
-                switch (rows) { /* constant row counts keep the accumulators in registers */
-                case 4: dot_rows(4, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                case 3: dot_rows(3, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                case 2: dot_rows(2, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                default: dot_rows(1, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                switch (rows + 4 * bf16) { /* constants keep the accumulators in registers */
+                case 4: dot_rows(4, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                case 3: dot_rows(3, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                case 2: dot_rows(2, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                case 1: dot_rows(1, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                case 8: dot_rows(4, 1, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                case 7: dot_rows(3, 1, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                case 6: dot_rows(2, 1, w, w_stride, in, xb, x_stride, target, stride, add); break;
+                default: dot_rows(1, 1, w, w_stride, in, xb, x_stride, target, stride, add); break;
                 }
                 if (count < 4)
                     for (int r = 0; r < rows; r++) {

@@ -37,6 +37,7 @@ class _Model(ctypes.Structure):
         *((name, ctypes.c_int) for name in ("batch", "d_model", "heads", "head_dim", "rotary_half", "hidden")),
         ("vocab", ctypes.c_int),
         ("layers", ctypes.c_int),
+        ("weights_bf16", ctypes.c_int),
         ("eps", ctypes.c_float),
         *((name, _pointer) for name in ("embedding", "final_weight", "final_bias", "head")),
         *((name, _pointer) for name in ("input_norm_weight", "input_norm_bias")),
@@ -85,12 +86,26 @@ def supports(model: nn.Module, state) -> bool:
 
 
 class FusedStep:
-    """Cached steps of `model` over the caches of one DecodeState (allocated before this is built)."""
+    """Cached steps of `model` over the caches of one DecodeState (allocated before this is built).
 
-    def __init__(self, model: nn.Module, state) -> None:
+    `weights`: where the products' weight matrices come from: `model` (fp32), or a generate.step_model copy
+    whose matrices are all bf16 (half the bytes each step streams; widened to fp32 as they are loaded, so only
+    the weights are rounded). Embedding, norms and caches are always the model's fp32 ones."""
+
+    def __init__(self, model: nn.Module, state, weights: nn.Module | None = None) -> None:
         c = model.config
         self.model, self.batch = model, state.batch
         self.keep: list[Tensor] = []  # every tensor whose address the kernel holds
+        source = model if weights is None else weights
+        blocks = [source.cross_attention, *source.layers]
+        matrices = [source.head.weight] + [
+            product.weight
+            for b in blocks
+            for product in (b.attention.query, b.attention.key_value, b.attention.out, b.mlp.up, b.mlp.down)
+        ]
+        self.weights_bf16 = all(w.dtype == torch.bfloat16 for w in matrices)
+        if not self.weights_bf16:
+            source = model  # fp32 copies or a mix: the model's own fp32 matrices
 
         def address(t: Tensor) -> int:
             t = t.detach()
@@ -99,28 +114,28 @@ class FusedStep:
             self.keep.append(t)
             return t.data_ptr()
 
-        def block(module, keys: Tensor, values: Tensor) -> _Block:
+        def block(module, products, keys: Tensor, values: Tensor) -> _Block:
             norm = module.norm_query if hasattr(module, "norm_query") else module.norm
-            attention = module.attention
+            attention = products.attention
             assert keys.stride() == values.stride()
             self.keep += [keys, values]
             return _Block(
                 address(norm.weight), address(norm.bias),
                 address(attention.query.weight), address(attention.key_value.weight), address(attention.out.weight),
                 address(module.norm_mlp.weight), address(module.norm_mlp.bias),
-                address(module.mlp.up.weight), address(module.mlp.down.weight),
+                address(products.mlp.up.weight), address(products.mlp.down.weight),
                 keys.data_ptr(), values.data_ptr(), (ctypes.c_long * 4)(*keys.stride()),
             )  # fmt: skip
 
-        blocks = [block(model.cross_attention, state.cross_key, state.cross_value)]
-        caches = zip(model.layers, state.latent_keys, state.latent_values, strict=True)
-        blocks += [block(layer, keys, values) for layer, keys, values in caches]
+        blocks = [block(model.cross_attention, source.cross_attention, state.cross_key, state.cross_value)]
+        caches = zip(model.layers, source.layers, state.latent_keys, state.latent_values, strict=True)
+        blocks += [block(layer, products, keys, values) for layer, products, keys, values in caches]
         self.blocks = (_Block * len(blocks))(*blocks)
         self.spec = _Model(
             state.batch, c.d_model, c.num_heads, c.head_dim, c.rotary_dim // 2, int(c.d_model * c.mlp_ratio),
-            c.vocab_size, c.num_layers, model.final_norm.eps,
+            c.vocab_size, c.num_layers, int(self.weights_bf16), model.final_norm.eps,
             address(model.embedding.weight), address(model.final_norm.weight), address(model.final_norm.bias),
-            address(model.head.weight),
+            address(source.head.weight),
             address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),
             ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
         )  # fmt: skip

@@ -289,7 +289,7 @@ class DecodeState:
         # With a stepper (anything but the exact reference path), every cached step is one C call where the
         # kernel is available: fp32 arithmetic, faster than any stepper's PyTorch ops (cpu_decode.py)
         fused = self.stepper is not self.model and cpu_decode.supports(self.model, self)
-        self.fused = cpu_decode.FusedStep(self.model, self) if fused else False
+        self.fused = cpu_decode.FusedStep(self.model, self, self.stepper) if fused else False
 
     def _positions(self, start: int, end: int) -> Tensor:
         return torch.arange(start, end, device=self.device)[None]  # (1, T)

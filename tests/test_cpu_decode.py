@@ -1,5 +1,7 @@
 """The fused C decoding step (perceiver_cli/cpu_decode.c) against DecodeState's PyTorch step."""
 
+import copy
+
 import pytest
 import torch
 
@@ -155,3 +157,32 @@ def test_fused_steps_with_more_latents_than_trained():
     assert max(step.window.num_latents for step in fast) == 48
     for a, b in zip(exact, fast, strict=True):
         assert torch.equal(a.tokens, b.tokens)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_step_with_bf16_weights_is_the_model_with_bf16_rounded_weights(batch):
+    """bf16 matrices (a bf16 step_model, what `--dtype auto` gives) are only widened: the step equals fp32
+    arithmetic on the rounded weights, which the PyTorch step on such a copy computes."""
+    model = random_model(batch, d_model=128, num_heads=4, tie_embeddings=False)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.bfloat16().float())
+    c = model.config
+    with torch.no_grad():
+        state, window = prefilled_state(rounded, batch, 50, step_model(rounded, torch.float32, batch))
+        state.fused = False
+        fused = cpu_decode.FusedStep(model, state, step_model(model, torch.bfloat16, batch))
+        assert fused.weights_bf16
+        window = next_window(window, c.max_context, c.num_latents, None)
+        state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
+        latents = [t.clone() for t in state.latent_keys + state.latent_values]
+        expected = state.step(window)
+        for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
+            cache.copy_(before)
+        position = window.end - 1
+        got = fused(state.tokens[:, position], position, state.cross_length, state.num_latents - 1)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert not cpu_decode.FusedStep(model, state, step_model(model, torch.float32, batch)).weights_bf16
