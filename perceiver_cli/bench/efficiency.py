@@ -12,8 +12,8 @@ Then, for the bench config of core.py:
       must read every weight once plus, per row, the cross-attention cache and the latent caches it attends
       to; and the rate with the refill included. With the model's own nn.Linear layers ("model"), with fp32
       StepLinears ("fp32") and the StepLinears `step_weights_dtype` picks ("auto"), all three in PyTorch ops,
-      and ("fused") with the one-call C step of cpu_decode.py that `perceiver generate` runs where it is
-      available.
+      and with the one-call C step of cpu_decode.py that `perceiver generate` runs where it is available, on
+      fp32 weights ("fused") and on the weights `auto` picks ("fused_auto", where they differ).
 bf16 rows run only where bf16 matmuls are fast (`cpu_has_fast_bf16`) unless asked for: elsewhere a bf16 GEMM
 runs ~100x slower than fp32 and one bf16 training step at 16k would take hours.
 """
@@ -209,9 +209,10 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     for batch in (1, 16):
         auto = step_weights_dtype(device, batch, torch.float32)  # decoding on a CPU computes in fp32
         steps = [("model", None), ("fp32", torch.float32)] + ([("auto", auto)] if auto != torch.float32 else [])
-        steps += [("fused", torch.float32)] if cpu_decode.available() else []
+        if cpu_decode.available():  # the C step: fp32 weights (`--dtype fp32`), and those `auto` picks
+            steps += [("fused", torch.float32)] + ([("fused_auto", auto)] if auto != torch.float32 else [])
         for label, step_dtype in steps:
-            result = decode_cycle(model, batch, step_dtype, bandwidth, fused=label == "fused")
+            result = decode_cycle(model, batch, step_dtype, bandwidth, fused=label.startswith("fused"))
             results[f"decode_batch{batch}_{label}"] = result
             log(f"decode batch {batch} ({label}): {result}")
     use_higher_limits(results, _gemm_peaks(peaks), streaming_bandwidth(parameters), when="end")

@@ -18,8 +18,8 @@ GenerateDtype = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="auto | fp32 | bf16. auto: bf16 autocast on CUDA; on a CPU with AVX-512 and a C compiler each "
-        "token-by-token step is one fp32 C call, elsewhere the steps read bf16 copies of the weights (faster); "
+        help="auto | fp32 | bf16. auto: bf16 autocast on CUDA; on a CPU token-by-token steps read bf16 copies "
+        "of the weights (faster; with AVX-512 and a C compiler each step is one C call, fp32 arithmetic); "
         "fp32: exact fp32 throughout.",
     ),
 ]
