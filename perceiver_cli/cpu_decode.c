@@ -1,4 +1,5 @@
-/* One cached decoding step of Perceiver AR in fp32, the whole model in one call (x86 with AVX-512).
+/* One cached decoding step of Perceiver AR, the whole model in one call (x86 with AVX-512); fp32 arithmetic on
+   fp32 or bf16 weight matrices.
 
    Why it exists: a cached step multiplies one to a few rows by every weight once, so it should run at the speed
    the memory streams the weights and caches. In PyTorch eager a step of the bench config is ~1,200 small ops

@@ -1,10 +1,11 @@
-"""A whole cached decoding step in one call to a C kernel (cpu_decode.c), for fp32 steps on x86 with AVX-512.
+"""A whole cached decoding step in one call to a C kernel (cpu_decode.c), fp32 arithmetic, x86 with AVX-512.
 
 A step of the bench config in PyTorch eager is ~1,200 small ops; at batch 1 their fixed costs, not the memory,
-set the speed. `FusedStep` hands the C kernel pointers to the model's fp32 weights and to a DecodeState's
-caches once, then each step is one ctypes call (which releases the GIL) with the newest tokens, the position's
-rotary tables and the cache lengths. Same arithmetic as DecodeState.step in fp32, up to the order of sums and a
-GELU/exp accurate to ~2e-7. Built and loaded like cpu_attention.py; `available()` is False where that fails.
+set the speed. `FusedStep` hands the C kernel pointers to the model's weights (the matrices in fp32, or the bf16
+copies of a bf16 step_model) and to a DecodeState's caches once, then each step is one ctypes call (which
+releases the GIL) with the newest tokens, the position's rotary tables and the cache lengths. Same arithmetic as
+DecodeState.step in fp32 on those weights, up to the order of sums and a GELU/exp accurate to ~2e-7. Built and
+loaded like cpu_attention.py; `available()` is False where that fails.
 """
 
 from __future__ import annotations
