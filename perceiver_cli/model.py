@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from perceiver_cli import cpu_attention
+from . import cpu_attention
 
 
 @dataclass
