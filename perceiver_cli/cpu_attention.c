@@ -10,7 +10,7 @@
    keys [0, i + Tk - n] when causal (the bottom-right alignment Perceiver AR needs), all keys otherwise.
    Before the queries run, each head's keys and values are repacked once into the pair-interleaved layouts
    vdpbf16ps reads: K as [key block][D/2][KEY_BLOCK] 32-bit pairs along D, V as [key block][KEY_BLOCK/2][D] pairs
-   of consecutive keys. Built by perceiver_cli/cpu_attention.py with the system C compiler; no PyTorch headers.
+   of consecutive keys. Built by perceiver_cli/cpu_kernels.py with the system C compiler; no PyTorch headers.
 */
 #include <immintrin.h>
 #include <math.h>
@@ -237,18 +237,13 @@ static void run_items(Job *job, int D) {
     free(scores), free(probs), free(acc);
 }
 
-static void *pack_worker(void *arg) {
-    Job *job = arg;
+static void pack_worker(Job *job) {
     for (int bh = take(job); bh < job->batch * job->heads; bh = take(job)) pack_head(job, bh);
-    return NULL;
 }
 
-static void *attend_worker(void *arg) {
-    run_items((Job *)arg, ((Job *)arg)->D);
-    return NULL;
-}
+static void attend_worker(Job *job) { run_items(job, job->D); }
 
-static void run_parallel(Job *job, void *(*worker)(void *)) {
+static void run_parallel(Job *job, void (*worker)(Job *)) {
     /* OpenMP from the runtime PyTorch already loaded (libgomp, matched by its soname): the threads its last op
        left spinning take this work at once instead of competing with threads of our own for the cores */
     job->next = 0;

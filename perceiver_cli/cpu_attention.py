@@ -2,105 +2,29 @@
 
 PyTorch's CPU flash kernel runs bf16 at about its fp32 speed on CPUs without AMX, which kept a bf16 prefill far
 from the bf16 GEMM peak (BENCHMARKS.md "bf16 prefill on the CPU"). The C kernel next to this file computes the
-same attention (FlashAttention's online softmax, Dao et al. 2022) with AVX512-BF16 dot products. It is built
-with the system C compiler into the user's cache folder the first time it is needed (about 2 s), with no
-PyTorch headers, and called through ctypes, which releases the GIL. Its threads are OpenMP's: compiled with
--fopenmp, the library binds to the libgomp PyTorch already loaded (same soname), so both share one thread pool.
-
-Where there is no such CPU, no C compiler, or `PERCEIVER_CPU_KERNELS=0` is set, `available()` is False and
-the model keeps PyTorch's kernels. `build` and `load` also serve cpu_decode.py. Nothing here runs in training: there is no backward pass.
+same attention (FlashAttention's online softmax, Dao et al. 2022) with AVX512-BF16 dot products; cpu_kernels.py
+builds and loads it. Where that fails, `available()` is False and the model keeps PyTorch's kernels. Nothing
+here runs in training: there is no backward pass.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .cpu_kernels import AVX512, FLAGS, load
+
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 HEAD_DIMS = (32, 64, 96, 128)
-FLAGS = [
-    "-O3",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512dq",
-    "-mavx512bf16",
-    "-mfma",
-    "-fopenmp",
-    "-fPIC",
-    "-shared",
-]
-
-
-@cache
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_avx512_bf16() -> bool:
-    return "avx512_bf16" in _cpu_flags()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "perceiver" / "kernels"
-
-
-def build(source: Path, flags: list[str] = FLAGS) -> Path:
-    """Compile a kernel once per source version and flags into the user's cache folder; the .so is written to a
-    temporary name and renamed into place, so concurrent first uses never load a partial file."""
-    compiler = os.environ.get("CC", "cc")
-    headers = b"".join(path.read_bytes() for path in sorted(source.parent.glob("*.h")))  # what it may include
-    digest = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{source.stem}-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    try:
-        subprocess.run(
-            [compiler, *flags, "-pthread", "-o", partial, str(source), "-lm"], check=True, capture_output=True
-        )
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
-
-
-def load(source: Path, cpu_flags: tuple[str, ...], flags: list[str] = FLAGS) -> ctypes.CDLL | None:
-    """The compiled library, or None where the CPU lacks one of `cpu_flags`, there is no working compiler, or
-    PERCEIVER_CPU_KERNELS=0 turns our kernels off."""
-    if os.environ.get("PERCEIVER_CPU_KERNELS", "1") == "0":
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or not set(cpu_flags) <= _cpu_flags():
-        return None
-    try:
-        return ctypes.CDLL(str(build(source, flags)))
-    except (OSError, subprocess.CalledProcessError):
-        return None  # no compiler, or one too old for these instructions: PyTorch's kernels remain
 
 
 @cache
 def _kernel():
-    library = load(SOURCE, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"))
+    library = load(SOURCE, (*AVX512, "avx512_bf16"), [*FLAGS, "-mavx512bf16"])
     if library is None:
         return None
     function = library.bf16_flash_attention

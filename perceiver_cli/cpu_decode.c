@@ -15,7 +15,7 @@
    and the head give its logits.
    Pre-LayerNorm blocks (eps from the model), rotary on the first 2 * rotary_half dims of each head in
    half-split pairs, exact GELU, nn.Linear weights without biases, row-major (out, in).
-   Built by perceiver_cli/cpu_decode.py with the system C compiler; no PyTorch headers. */
+   Built by perceiver_cli/cpu_kernels.py with the system C compiler; no PyTorch headers. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>

@@ -5,7 +5,7 @@ set the speed. `FusedStep` hands the C kernel pointers to the model's weights (t
 copies of a bf16 step_model) and to a DecodeState's caches once, then each step is one ctypes call (which
 releases the GIL) with the newest tokens, the position's rotary tables and the cache lengths. Same arithmetic as
 DecodeState.step in fp32 on those weights, up to the order of sums and a GELU/exp accurate to ~2e-7. Built and
-loaded like cpu_attention.py; `available()` is False where that fails.
+loaded by cpu_kernels.py; `available()` is False where that fails.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .cpu_attention import load
+from .cpu_kernels import AVX512, load
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 _pointer = ctypes.c_void_p
 
 
@@ -48,7 +47,7 @@ class _Model(ctypes.Structure):
 
 @cache
 def _kernel():
-    library = load(SOURCE, ("avx512f", "avx512bw", "avx512vl", "avx512dq"), FLAGS)
+    library = load(SOURCE, AVX512)
     if library is None:
         return None
     step = library.f32_decode_step

@@ -16,13 +16,20 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    return "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
 
 
 def cpu_name() -> str:

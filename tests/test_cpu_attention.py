@@ -1,7 +1,5 @@
 """The AVX512-BF16 attention kernel (perceiver_cli/cpu_attention.c) against a dense fp32 reference."""
 
-import subprocess
-
 import pytest
 import torch
 
@@ -79,40 +77,3 @@ def test_bf16_model_with_and_without_the_kernel(monkeypatch):
         without_kernel = model(tokens).float()
     assert with_kernel.shape == without_kernel.shape == (2, 128, model.config.vocab_size)
     torch.testing.assert_close(with_kernel, without_kernel, atol=0.05, rtol=0.05)
-
-
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("PERCEIVER_CPU_KERNELS", "0")
-    cpu_attention._kernel.cache_clear()
-    try:
-        assert not cpu_attention.available()
-        assert not cpu_attention.supports(*(bf16_heads(1, 1, 4, 64) for _ in range(3)))
-    finally:
-        monkeypatch.undo()
-        cpu_attention._kernel.cache_clear()
-
-
-@pytest.mark.skipif(not cpu_attention.cpu_has_avx512_bf16(), reason="needs AVX512-BF16")
-def test_a_missing_compiler_leaves_pytorchs_kernels(monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cpu_attention._kernel.cache_clear()
-    try:
-        assert not cpu_attention.available()
-    finally:
-        monkeypatch.undo()
-        cpu_attention._kernel.cache_clear()
-
-
-@pytest.mark.skipif(not cpu_attention.cpu_has_avx512_bf16(), reason="needs AVX512-BF16")
-def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = cpu_attention.build(cpu_attention.SOURCE)
-    stamp = first.stat().st_mtime_ns
-    assert cpu_attention.build(cpu_attention.SOURCE) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
-    broken = tmp_path / "broken.c"
-    broken.write_text("this is not C")
-    with pytest.raises(subprocess.CalledProcessError):
-        cpu_attention.build(broken)
-    assert [p.name for p in first.parent.iterdir()] == [first.name]

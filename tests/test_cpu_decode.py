@@ -127,16 +127,6 @@ def test_the_state_picks_the_fused_step_only_where_it_applies():
     assert not cpu_decode.supports(random_model(0, d_model=48, num_heads=2), state)  # head_dim 24
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("PERCEIVER_CPU_KERNELS", "0")
-    cpu_decode._kernel.cache_clear()
-    try:
-        assert not cpu_decode.available()
-    finally:
-        monkeypatch.undo()
-        cpu_decode._kernel.cache_clear()
-
-
 @needs_kernel
 @pytest.mark.parametrize("rows, out, size", [(1, 4096, 6960), (16, 50, 64), (3, 7, 32)])
 def test_the_steps_product_is_a_linear_layer(rows, out, size):
