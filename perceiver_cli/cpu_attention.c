@@ -1,4 +1,4 @@
-/* Flash attention forward in bf16 for x86 CPUs with AVX512-BF16 (inference only).
+/* Flash attention in bf16 for x86 CPUs with AVX512-BF16: the forward pass, and the backward pass for training.
 
    Why it exists: PyTorch's CPU flash kernel runs bf16 at about 1.1x its fp32 speed on a CPU without AMX, so a bf16
    prefill spends two-thirds of its time in attention while its projections run at 85% of the bf16 GEMM peak
@@ -14,6 +14,7 @@
 */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,53 +83,65 @@ typedef struct {
 
 static int take(Job *job) { return __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED); }
 
-static void pack_head(Job *job, int bh) {
-    const int D = job->D, b = bh / job->heads, h = bh % job->heads;
-    const long k_row = job->k_strides[2], v_row = job->v_strides[2];
-    const bf16 *k = job->k + b * job->k_strides[0] + h * job->k_strides[1];
-    const bf16 *v = job->v + b * job->v_strides[0] + h * job->v_strides[1];
-    uint32_t *kp = job->k_packed + (long)bh * job->key_blocks * KEY_BLOCK * (D / 2);
-    uint32_t *vp = job->v_packed + (long)bh * job->key_blocks * KEY_BLOCK * (D / 2);
-    /* gather offsets of 16 consecutive keys' pair p, in 32-bit words; interleave tables for two V rows */
+/* Rows [0, count) of x (unit stride along D, `row` elements between rows) as 32-bit pairs along D in blocks of
+   KEY_BLOCK rows, [block][D/2][KEY_BLOCK]: the right operand of score_tile. Rows past `count` are zeros. */
+static void pack_along_dim(const bf16 *x, long row, long count, int D, uint32_t *packed) {
+    /* gather offsets of 16 consecutive rows' pair p, in 32-bit words */
     const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32((int)(k_row / 2)));
-    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-    const int full_blocks = job->num_keys / KEY_BLOCK;
-    for (int block = 0; block < job->key_blocks; block++) {
-        uint32_t *kb = kp + (long)block * KEY_BLOCK * (D / 2), *vb = vp + (long)block * KEY_BLOCK * (D / 2);
-        if (block < full_blocks && k_row % 2 == 0) {
+                                              _mm512_set1_epi32((int)(row / 2)));
+    const long blocks = (count + KEY_BLOCK - 1) / KEY_BLOCK, full_blocks = count / KEY_BLOCK;
+    for (long block = 0; block < blocks; block++) {
+        uint32_t *kb = packed + block * KEY_BLOCK * (D / 2);
+        if (block < full_blocks && row % 2 == 0) {
             for (int group = 0; group < KEY_BLOCK; group += 16) {
-                const int *base = (const int *)(k + ((long)block * KEY_BLOCK + group) * k_row);
+                const int *base = (const int *)(x + (block * KEY_BLOCK + group) * row);
                 for (int pair = 0; pair < D / 2; pair++)
                     _mm512_storeu_si512(kb + pair * KEY_BLOCK + group, _mm512_i32gather_epi32(rows16, base + pair, 4));
             }
-            for (int pair = 0; pair < KEY_BLOCK / 2; pair++) {
-                const bf16 *even = v + ((long)block * KEY_BLOCK + 2 * pair) * v_row, *odd = even + v_row;
-                for (int d = 0; d < D; d += 32) {
-                    __m512i e = _mm512_loadu_si512(even + d), o = _mm512_loadu_si512(odd + d);
-                    _mm512_storeu_si512(vb + pair * D + d, _mm512_permutex2var_epi16(e, low, o));
-                    _mm512_storeu_si512(vb + pair * D + d + 16, _mm512_permutex2var_epi16(e, high, o));
-                }
+            continue;
+        }
+        for (int j = 0; j < KEY_BLOCK; j++) { /* a last, partial block (or odd strides): zeros past the rows */
+            long at = block * KEY_BLOCK + j;
+            const bf16 *r = x + at * row;
+            for (int pair = 0; pair < D / 2; pair++)
+                kb[pair * KEY_BLOCK + j] = at < count ? r[2 * pair] | (uint32_t)r[2 * pair + 1] << 16 : 0;
+        }
+    }
+}
+
+/* Rows [0, count) of x as 32-bit pairs of consecutive rows, [count/2 rounded up to KEY_BLOCK/2][D]: the right
+   operand of value_tile and key_rows_tile (rows pair up along the contracted dimension). Zeros past `count`. */
+static void pack_along_rows(const bf16 *x, long row, long count, int D, uint32_t *packed) {
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+    const long pairs = (count + KEY_BLOCK - 1) / KEY_BLOCK * (KEY_BLOCK / 2);
+    for (long pair = 0; pair < pairs; pair++) {
+        const long at = 2 * pair;
+        const bf16 *even = x + at * row, *odd = even + row;
+        uint32_t *out = packed + pair * D;
+        if (at + 1 < count) {
+            for (int d = 0; d < D; d += 32) {
+                __m512i e = _mm512_loadu_si512(even + d), o = _mm512_loadu_si512(odd + d);
+                _mm512_storeu_si512(out + d, _mm512_permutex2var_epi16(e, low, o));
+                _mm512_storeu_si512(out + d + 16, _mm512_permutex2var_epi16(e, high, o));
             }
             continue;
         }
-        for (int j = 0; j < KEY_BLOCK; j++) { /* the last, partial block: zeros past the keys */
-            long key = (long)block * KEY_BLOCK + j;
-            const bf16 *row = k + key * k_row;
-            for (int pair = 0; pair < D / 2; pair++)
-                kb[pair * KEY_BLOCK + j] = key < job->num_keys ? row[2 * pair] | (uint32_t)row[2 * pair + 1] << 16 : 0;
-        }
-        for (int pair = 0; pair < KEY_BLOCK / 2; pair++) {
-            long key = (long)block * KEY_BLOCK + 2 * pair;
-            const bf16 *even = v + key * v_row, *odd = even + v_row;
-            for (int d = 0; d < D; d++) {
-                uint32_t lo = key < job->num_keys ? even[d] : 0, hi = key + 1 < job->num_keys ? odd[d] : 0;
-                vb[pair * D + d] = lo | (hi << 16);
-            }
+        for (int d = 0; d < D; d++) {
+            uint32_t lo = at < count ? even[d] : 0, hi = at + 1 < count ? odd[d] : 0;
+            out[d] = lo | (hi << 16);
         }
     }
+}
+
+static void pack_head(Job *job, int bh) {
+    const int D = job->D, b = bh / job->heads, h = bh % job->heads;
+    const long size = (long)job->key_blocks * KEY_BLOCK * (D / 2);
+    pack_along_dim(job->k + b * job->k_strides[0] + h * job->k_strides[1], job->k_strides[2], job->num_keys, D,
+                   job->k_packed + bh * size);
+    pack_along_rows(job->v + b * job->v_strides[0] + h * job->v_strides[1], job->v_strides[2], job->num_keys, D,
+                    job->v_packed + bh * size);
 }
 
 INLINE void run_item(Job *job, int item, int D, float *scores, bf16 *probs, float *acc, float *row_max,
@@ -243,6 +256,223 @@ static void pack_worker(Job *job) {
 
 static void attend_worker(Job *job) { run_items(job, job->D); }
 
+/* ---------------------------------------------------------------------------------------------------------
+   Backward pass (training): FlashAttention-2's (Dao 2023) recomputation, one key block per work item.
+
+   Each item owns KEY_BLOCK keys of one (batch, head) and walks the queries that see them in tiles of
+   QUERY_TILE: it recomputes the scores S = scale q k^T, the probabilities P = exp(S - lse) from the forward's
+   log-sum-exp, dP = dO v^T and dS = P (dP - delta) with delta = rowsum(dO * O); it sums dV += P^T dO and
+   dK += scale dS^T q for its keys in fp32, and adds scale dS k into its thread's own fp32 copy of dQ (no two
+   threads write one address); a last pass sums the copies. Every product runs on vdpbf16ps, so each operand is
+   packed with its contracted dimension in pairs: k and v along D for S and dP (as the forward packs k), k along
+   keys for dQ (as the forward packs v), q and dO along queries for dK and dV; P and dS are written in the same
+   pair layouts as they are computed.
+*/
+#define QUERY_TILE 48 /* queries per tile of a backward item: even, and a multiple of the 6-row score tiles */
+
+typedef struct {
+    int batch, heads, n, num_keys, D, causal, threads;
+    const bf16 *q, *k, *v, *out, *dout;
+    long q_strides[3], k_strides[3], v_strides[3], out_strides[3], dout_strides[3];
+    const float *lse; /* (batch, heads, n) contiguous, natural log, from the forward */
+    bf16 *dq, *dk, *dv;
+    long dq_strides[3], dk_strides[3], dv_strides[3];
+    float scale;
+    int key_blocks, query_words; /* query_words: 32-bit words of one head's q (or dO) packed along queries */
+    uint32_t *k_dim, *k_rows, *v_dim, *q_rows, *dout_rows;
+    float *lse2, *delta, *dq_partial; /* (BH, n), (BH, n), (threads, BH, n, D) */
+    int next;
+} Backward;
+
+static int take_backward(Backward *job) { return __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED); }
+
+/* acc[r][0:D] += sum_p pack[p][r] . x_pack[p][0:D] for `rows` key rows: the pair at word p*KEY_BLOCK + r of
+   `pack` holds the values of two consecutive queries, x_pack[p] the same two queries' rows of q or dO */
+INLINE void key_rows_tile(int rows, int D, const uint32_t *pack, int pairs, const uint32_t *x_pack, float *acc) {
+    __m512 a[6][8];
+    const int vectors = D / 16;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < vectors; c++) a[r][c] = _mm512_loadu_ps(acc + r * D + 16 * c);
+    for (int p = 0; p < pairs; p++) {
+        const uint32_t *xp = x_pack + (long)p * D;
+        for (int r = 0; r < rows; r++) {
+            __m512bh w = (__m512bh)_mm512_set1_epi32((int)pack[p * KEY_BLOCK + r]);
+            for (int c = 0; c < vectors; c++)
+                a[r][c] = _mm512_dpbf16_ps(a[r][c], w, (__m512bh)_mm512_loadu_si512(xp + 16 * c));
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < vectors; c++) _mm512_storeu_ps(acc + r * D + 16 * c, a[r][c]);
+}
+
+/* the tile functions with a constant row count, so that their accumulators stay in registers */
+#define BY_ROWS(rows, call)                                                                                          \
+    switch (rows) {                                                                                                  \
+    case 6: call(6); break;                                                                                          \
+    case 5: call(5); break;                                                                                          \
+    case 4: call(4); break;                                                                                          \
+    case 3: call(3); break;                                                                                          \
+    case 2: call(2); break;                                                                                          \
+    default: call(1); break;                                                                                         \
+    }
+
+static void prepare_head(Backward *job, int bh) {
+    const int D = job->D, b = bh / job->heads, h = bh % job->heads, n = job->n;
+    const long block_words = (long)job->key_blocks * KEY_BLOCK * (D / 2);
+    const bf16 *k = job->k + b * job->k_strides[0] + h * job->k_strides[1];
+    const bf16 *v = job->v + b * job->v_strides[0] + h * job->v_strides[1];
+    const bf16 *q = job->q + b * job->q_strides[0] + h * job->q_strides[1];
+    const bf16 *o = job->out + b * job->out_strides[0] + h * job->out_strides[1];
+    const bf16 *dout = job->dout + b * job->dout_strides[0] + h * job->dout_strides[1];
+    pack_along_dim(k, job->k_strides[2], job->num_keys, D, job->k_dim + bh * block_words);
+    pack_along_rows(k, job->k_strides[2], job->num_keys, D, job->k_rows + bh * block_words);
+    pack_along_dim(v, job->v_strides[2], job->num_keys, D, job->v_dim + bh * block_words);
+    pack_along_rows(q, job->q_strides[2], n, D, job->q_rows + (long)bh * job->query_words);
+    pack_along_rows(dout, job->dout_strides[2], n, D, job->dout_rows + (long)bh * job->query_words);
+    for (int i = 0; i < n; i++) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(o + i * job->out_strides[2] + d))), 16));
+            __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(dout + i * job->dout_strides[2] + d))), 16));
+            sum = _mm512_fmadd_ps(x, y, sum);
+        }
+        job->delta[(long)bh * n + i] = _mm512_reduce_add_ps(sum);
+        job->lse2[(long)bh * n + i] = job->lse[(long)bh * n + i] * 1.44269504f;
+    }
+    const long BH = (long)job->batch * job->heads;
+    for (int t = 0; t < job->threads; t++) memset(job->dq_partial + ((long)t * BH + bh) * n * D, 0, sizeof(float) * n * D);
+}
+
+/* two rows' values (`even`, `odd`: 16 keys each) as bf16 pairs, even row in the low half of each word */
+INLINE __m512i pair_rows(__m512 even, __m512 odd) {
+    __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
+    __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+typedef struct {
+    float *scores, *dprobs, *dk, *dv; /* QUERY_TILE x KEY_BLOCK, the same, KEY_BLOCK x D twice */
+    bf16 *ds_rows;                     /* QUERY_TILE x KEY_BLOCK, row-major: dS for dQ */
+    uint32_t *p_pairs, *ds_pairs;      /* QUERY_TILE/2 x KEY_BLOCK words: P and dS in query pairs */
+} Scratch;
+
+INLINE void backward_item(Backward *job, int item, int D, const Scratch *w, float *dq_partial) {
+    const int BH = job->batch * job->heads, kb = item / BH, bh = item % BH; /* the most-seen key blocks first */
+    const int b = bh / job->heads, h = bh % job->heads, n = job->n;
+    const int rows_per_tile = ACCUMULATORS / (D / 16) > 6 ? 6 : ACCUMULATORS / (D / 16);
+    const long key_start = (long)kb * KEY_BLOCK, offset = (long)job->num_keys - n;
+    const int keys_here = job->num_keys - key_start < KEY_BLOCK ? (int)(job->num_keys - key_start) : KEY_BLOCK;
+    long q_first = job->causal && key_start > offset ? key_start - offset : 0;
+    q_first &= ~1L; /* pairs of queries start at even rows */
+    const long block_words = (long)KEY_BLOCK * (D / 2), at = ((long)bh * job->key_blocks + kb) * block_words;
+    const uint32_t *k_dim = job->k_dim + at, *k_rows = job->k_rows + at, *v_dim = job->v_dim + at;
+    const uint32_t *q_rows = job->q_rows + (long)bh * job->query_words;
+    const uint32_t *dout_rows = job->dout_rows + (long)bh * job->query_words;
+    const float *lse2 = job->lse2 + (long)bh * n, *delta = job->delta + (long)bh * n;
+    const long q_row = job->q_strides[2], dout_row = job->dout_strides[2];
+    const bf16 *q = job->q + b * job->q_strides[0] + h * job->q_strides[1];
+    const bf16 *dout = job->dout + b * job->dout_strides[0] + h * job->dout_strides[1];
+    float *dq = dq_partial + (long)bh * n * D;
+    const __m512 scale_log2 = _mm512_set1_ps(job->scale * 1.44269504f), one = _mm512_set1_ps(1.0f);
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    memset(w->dk, 0, sizeof(float) * KEY_BLOCK * D), memset(w->dv, 0, sizeof(float) * KEY_BLOCK * D);
+    for (long q0 = q_first; q0 < n; q0 += QUERY_TILE) {
+        const int count = n - q0 < QUERY_TILE ? (int)(n - q0) : QUERY_TILE, pairs = (count + 1) / 2;
+        for (int r = 0; r < count; r += 6) {
+            const int rows = count - r < 6 ? count - r : 6;
+#define SCORES(R)                                                                                                    \
+    score_tile(R, D, q + (q0 + r) * q_row, q_row, k_dim, w->scores + r * KEY_BLOCK, scale_log2);                   \
+    score_tile(R, D, dout + (q0 + r) * dout_row, dout_row, v_dim, w->dprobs + r * KEY_BLOCK, one)
+            BY_ROWS(rows, SCORES)
+#undef SCORES
+        }
+        for (int i = 0; i < 2 * pairs; i += 2) {
+            __m512 p[2][4], ds[2][4];
+            for (int j = 0; j < 2; j++) {
+                const long row = q0 + i + j;
+                long visible = row >= n ? 0 : job->causal ? row + offset + 1 - key_start : keys_here;
+                if (visible > keys_here) visible = keys_here;
+                const __m512 top = _mm512_set1_ps(row < n ? lse2[row] : 0.0f), d = _mm512_set1_ps(row < n ? delta[row] : 0.0f);
+                for (int c = 0; c < 4; c++) {
+                    const __mmask16 keep = visible - 16 * c <= 0 ? 0 : tail_mask(visible - 16 * c);
+                    const float *s = w->scores + (i + j) * KEY_BLOCK + 16 * c, *dp = w->dprobs + (i + j) * KEY_BLOCK + 16 * c;
+                    p[j][c] = keep ? _mm512_maskz_mov_ps(keep, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s), top)))
+                                   : _mm512_setzero_ps();
+                    ds[j][c] = keep ? _mm512_mul_ps(_mm512_mul_ps(p[j][c], _mm512_sub_ps(_mm512_loadu_ps(dp), d)), scale)
+                                    : _mm512_setzero_ps();
+                    if (i + j < count)
+                        _mm256_storeu_si256((__m256i *)(w->ds_rows + (i + j) * KEY_BLOCK + 16 * c),
+                                            (__m256i)_mm512_cvtneps_pbh(ds[j][c]));
+                }
+            }
+            for (int c = 0; c < 4; c++) {
+                _mm512_storeu_si512(w->p_pairs + (i / 2) * KEY_BLOCK + 16 * c, pair_rows(p[0][c], p[1][c]));
+                _mm512_storeu_si512(w->ds_pairs + (i / 2) * KEY_BLOCK + 16 * c, pair_rows(ds[0][c], ds[1][c]));
+            }
+        }
+        for (int k0 = 0; k0 < keys_here; k0 += rows_per_tile) {
+            const int rows = keys_here - k0 < rows_per_tile ? keys_here - k0 : rows_per_tile;
+#define KEY_ROWS(R)                                                                                                  \
+    key_rows_tile(R, D, w->p_pairs + k0, pairs, dout_rows + (q0 / 2) * D, w->dv + k0 * D);                         \
+    key_rows_tile(R, D, w->ds_pairs + k0, pairs, q_rows + (q0 / 2) * D, w->dk + k0 * D)
+            BY_ROWS(rows, KEY_ROWS)
+#undef KEY_ROWS
+        }
+        for (int r = 0; r < count; r += rows_per_tile) {
+            const int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
+#define QUERY_ROWS(R) value_tile(R, D, w->ds_rows + r * KEY_BLOCK, k_rows, dq + (q0 + r) * D)
+            BY_ROWS(rows, QUERY_ROWS)
+#undef QUERY_ROWS
+        }
+    }
+    bf16 *dk = job->dk + b * job->dk_strides[0] + h * job->dk_strides[1] + key_start * job->dk_strides[2];
+    bf16 *dv = job->dv + b * job->dv_strides[0] + h * job->dv_strides[1] + key_start * job->dv_strides[2];
+    for (int r = 0; r < keys_here; r++)
+        for (int d = 0; d < D; d += 16) {
+            _mm256_storeu_si256((__m256i *)(dk + r * job->dk_strides[2] + d),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w->dk + r * D + d)));
+            _mm256_storeu_si256((__m256i *)(dv + r * job->dv_strides[2] + d),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w->dv + r * D + d)));
+        }
+}
+
+static void sum_query_gradients(Backward *job, int bh) {
+    const int D = job->D, n = job->n, b = bh / job->heads, h = bh % job->heads;
+    const long BH = (long)job->batch * job->heads;
+    bf16 *dq = job->dq + b * job->dq_strides[0] + h * job->dq_strides[1];
+    for (int i = 0; i < n; i++)
+        for (int d = 0; d < D; d += 16) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int t = 0; t < job->threads; t++)
+                sum = _mm512_add_ps(sum, _mm512_loadu_ps(job->dq_partial + (((long)t * BH + bh) * n + i) * D + d));
+            _mm256_storeu_si256((__m256i *)(dq + i * job->dq_strides[2] + d), (__m256i)_mm512_cvtneps_pbh(sum));
+        }
+}
+
+static void backward_worker(Backward *job, int D) {
+    Scratch w;
+    w.scores = aligned_alloc(64, sizeof(float) * QUERY_TILE * KEY_BLOCK);
+    w.dprobs = aligned_alloc(64, sizeof(float) * QUERY_TILE * KEY_BLOCK);
+    w.dk = aligned_alloc(64, sizeof(float) * KEY_BLOCK * 128);
+    w.dv = aligned_alloc(64, sizeof(float) * KEY_BLOCK * 128);
+    w.ds_rows = aligned_alloc(64, sizeof(bf16) * QUERY_TILE * KEY_BLOCK);
+    w.p_pairs = aligned_alloc(64, sizeof(uint32_t) * QUERY_TILE / 2 * KEY_BLOCK);
+    w.ds_pairs = aligned_alloc(64, sizeof(uint32_t) * QUERY_TILE / 2 * KEY_BLOCK);
+    float *dq_partial = job->dq_partial + (long)omp_get_thread_num() * job->batch * job->heads * job->n * D;
+    const int items = job->key_blocks * job->batch * job->heads;
+    for (int item = take_backward(job); item < items; item = take_backward(job)) {
+        switch (D) {
+        case 32: backward_item(job, item, 32, &w, dq_partial); break;
+        case 64: backward_item(job, item, 64, &w, dq_partial); break;
+        case 96: backward_item(job, item, 96, &w, dq_partial); break;
+        default: backward_item(job, item, 128, &w, dq_partial); break;
+        }
+    }
+    free(w.scores), free(w.dprobs), free(w.dk), free(w.dv), free(w.ds_rows), free(w.p_pairs), free(w.ds_pairs);
+}
+
 static void run_parallel(Job *job, void (*worker)(Job *)) {
     /* OpenMP from the runtime PyTorch already loaded (libgomp, matched by its soname): the threads its last op
        left spinning take this work at once instead of competing with threads of our own for the cores */
@@ -275,5 +505,51 @@ int bf16_flash_attention(int batch, int heads, int n, int num_keys, int D, int c
     job.v_packed = job.k_packed + (size_t)batch * heads * job.key_blocks * KEY_BLOCK * (D / 2);
     run_parallel(&job, pack_worker);
     run_parallel(&job, attend_worker);
+    return 0;
+}
+
+
+/* Bytes of the workspace bf16_flash_attention_backward needs: packed keys, values, queries and output
+   gradients, two fp32 rows of statistics and one fp32 dQ per thread. */
+long bf16_flash_attention_backward_workspace(int batch, int heads, int n, int num_keys, int D, int threads) {
+    const long BH = (long)batch * heads, key_words = (long)((num_keys + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2);
+    const long query_words = (long)((n + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2);
+    return sizeof(uint32_t) * BH * (3 * key_words + 2 * query_words) + sizeof(float) * BH * n * (2 + (long)threads * D);
+}
+
+/* dq, dk, dv (bf16, any strides with unit stride along D) of the attention bf16_flash_attention computed, from
+   its output `out`, its log-sum-exp `lse` and the output's gradient `dout`. Returns 0, or 1 for unsupported
+   sizes. */
+int bf16_flash_attention_backward(int batch, int heads, int n, int num_keys, int D, int causal, int threads,
+                                  const bf16 *q, const long *q_strides, const bf16 *k, const long *k_strides,
+                                  const bf16 *v, const long *v_strides, const bf16 *out, const long *out_strides,
+                                  const bf16 *dout, const long *dout_strides, const float *lse, bf16 *dq,
+                                  const long *dq_strides, bf16 *dk, const long *dk_strides, bf16 *dv,
+                                  const long *dv_strides, float scale, void *workspace) {
+    if (D % 32 || D > 128 || n <= 0 || num_keys < (causal ? n : 1)) return 1;
+    Backward job = {batch, heads, n, num_keys, D, causal, threads < 1 ? 1 : threads, q, k, v, out, dout};
+    for (int i = 0; i < 3; i++) {
+        job.q_strides[i] = q_strides[i], job.k_strides[i] = k_strides[i], job.v_strides[i] = v_strides[i];
+        job.out_strides[i] = out_strides[i], job.dout_strides[i] = dout_strides[i];
+        job.dq_strides[i] = dq_strides[i], job.dk_strides[i] = dk_strides[i], job.dv_strides[i] = dv_strides[i];
+    }
+    job.lse = lse, job.dq = dq, job.dk = dk, job.dv = dv, job.scale = scale;
+    job.key_blocks = (num_keys + KEY_BLOCK - 1) / KEY_BLOCK;
+    job.query_words = (n + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK * (D / 2);
+    const long BH = (long)batch * heads, key_words = (long)job.key_blocks * KEY_BLOCK * (D / 2);
+    job.k_dim = workspace, job.k_rows = job.k_dim + BH * key_words, job.v_dim = job.k_rows + BH * key_words;
+    job.q_rows = job.v_dim + BH * key_words, job.dout_rows = job.q_rows + BH * job.query_words;
+    job.lse2 = (float *)(job.dout_rows + BH * job.query_words), job.delta = job.lse2 + BH * n;
+    job.dq_partial = job.delta + BH * n;
+    /* the same OpenMP runtime as PyTorch's (see run_parallel); thread ids index the dQ copies */
+    job.next = 0;
+#pragma omp parallel num_threads(job.threads)
+    for (int bh = take_backward(&job); bh < BH; bh = take_backward(&job)) prepare_head(&job, bh);
+    job.next = 0;
+#pragma omp parallel num_threads(job.threads)
+    backward_worker(&job, D);
+    job.next = 0;
+#pragma omp parallel num_threads(job.threads)
+    for (int bh = take_backward(&job); bh < BH; bh = take_backward(&job)) sum_query_gradients(&job, bh);
     return 0;
 }

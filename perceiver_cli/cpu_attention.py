@@ -1,10 +1,12 @@
-"""bf16 flash attention for inference on x86 CPUs with AVX512-BF16, compiled from cpu_attention.c at first use.
+"""bf16 flash attention, forward and backward, on x86 CPUs with AVX512-BF16, compiled from cpu_attention.c.
 
 PyTorch's CPU flash kernel runs bf16 at about its fp32 speed on CPUs without AMX, which kept a bf16 prefill far
 from the bf16 GEMM peak (BENCHMARKS.md "bf16 prefill on the CPU"). The C kernel next to this file computes the
 same attention (FlashAttention's online softmax, Dao et al. 2022) with AVX512-BF16 dot products; cpu_kernels.py
-builds and loads it. Where that fails, `available()` is False and the model keeps PyTorch's kernels. Nothing
-here runs in training: there is no backward pass.
+builds and loads it at first use. PyTorch's bf16 backward is as slow, so the C file also holds FlashAttention-2's
+backward pass (Dao 2023): `trainable_attention` is the pair as an autograd function, which bf16 training uses
+(BENCHMARKS.md "bf16 training attention"). Where building fails, `available()` is False and the model keeps
+PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ def _kernel():
     function.restype = ctypes.c_int
     workspace = library.bf16_flash_attention_workspace
     workspace.argtypes, workspace.restype = [ctypes.c_int] * 4, ctypes.c_long
-    return function, workspace
+    backward = library.bf16_flash_attention_backward
+    backward.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p, strides] * 5 + [ctypes.c_void_p]
+    backward.argtypes += [ctypes.c_void_p, strides] * 3 + [ctypes.c_float, ctypes.c_void_p]
+    backward.restype = ctypes.c_int
+    backward_workspace = library.bf16_flash_attention_backward_workspace
+    backward_workspace.argtypes, backward_workspace.restype = [ctypes.c_int] * 6, ctypes.c_long
+    return function, workspace, backward, backward_workspace
 
 
 def available() -> bool:
@@ -71,7 +79,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, with_lse: bool = Fa
         raise ValueError(f"causal attention needs at least as many keys ({num_keys}) as queries ({n})")
     out = torch.empty(batch, n, heads, head_dim, dtype=torch.bfloat16).transpose(1, 2)  # (B, H, n, Dh)
     lse = torch.empty(batch, heads, n) if with_lse else None
-    kernel, workspace_bytes = _kernel()
+    kernel, workspace_bytes, _, _ = _kernel()
     # from PyTorch's allocator, which asks for huge pages where the CLI enabled them (see cli/__init__.py)
     workspace = torch.empty(workspace_bytes(batch, heads, num_keys, head_dim), dtype=torch.uint8)
     status = kernel(
@@ -83,3 +91,53 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, with_lse: bool = Fa
     if status:
         raise RuntimeError(f"cpu_attention kernel failed with status {status}")
     return (out, lse) if with_lse else out
+
+
+def _heads_last(shape, like: Tensor) -> Tensor:
+    """An empty (B, H, T, Dh) bf16 tensor laid out as (B, T, H, Dh), the layout the model's views have."""
+    batch, heads, length, head_dim = shape
+    return torch.empty(batch, length, heads, head_dim, dtype=like.dtype).transpose(1, 2)
+
+
+def attention_backward(q, k, v, out, lse, grad_out, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `attention(q, k, v, causal)` with respect to q, k and v, from its output and log-sum-exp."""
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_out = grad_out.to(torch.bfloat16)
+    batch, heads, n, head_dim = q.shape
+    num_keys = k.shape[-2]
+    dq, dk, dv = _heads_last(q.shape, q), _heads_last(k.shape, k), _heads_last(v.shape, v)
+    _, _, kernel, workspace_bytes = _kernel()
+    threads = torch.get_num_threads()
+    workspace = torch.empty(workspace_bytes(batch, heads, n, num_keys, head_dim, threads), dtype=torch.uint8)
+    status = kernel(
+        batch, heads, n, num_keys, head_dim, int(causal), threads,
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
+        out.data_ptr(), _strides(out), grad_out.data_ptr(), _strides(grad_out), lse.data_ptr(),
+        dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk), dv.data_ptr(), _strides(dv), head_dim ** -0.5,
+        workspace.data_ptr(),
+    )  # fmt: skip
+    if status:
+        raise RuntimeError(f"cpu_attention backward kernel failed with status {status}")
+    return dq, dk, dv
+
+
+class _TrainableAttention(torch.autograd.Function):
+    """`attention` with its backward pass, for bf16 training (saves q, k, v, the output and the log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal):
+        out, lse = attention(q, k, v, causal, with_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*attention_backward(q, k, v, out, lse, grad_out, ctx.causal), None)
+
+
+def trainable_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """`attention` that autograd can differentiate: the forward and backward kernels of cpu_attention.c."""
+    return _TrainableAttention.apply(q, k, v, causal)

@@ -108,7 +108,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if half == 0:
         return x
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B|1, 1, T, R/2) broadcast over heads
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    # split, not three slices: its backward is one cat, where each slice's would zero a tensor of x's size
+    x1, x2, rest = x.split((half, half, x.shape[-1] - 2 * half), dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
@@ -132,9 +133,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
     """
     n, num_keys = q.shape[-2], k.shape[-2]
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if n > 1 and not needs_grad and dropout_p == 0.0 and cpu_attention.supports(q, k, v):
-        # bf16 inference on a CPU with AVX512-BF16: our kernel is ~2x PyTorch's there and takes the bottom-right
-        # mask directly (cpu_attention.py; BENCHMARKS.md "bf16 prefill on the CPU").
+    if n > 1 and dropout_p == 0.0 and cpu_attention.supports(q, k, v) and not torch.compiler.is_compiling():
+        # bf16 on a CPU with AVX512-BF16: our kernels are ~2x PyTorch's there, forward and backward, and take the
+        # bottom-right mask directly (cpu_attention.py; BENCHMARKS.md "bf16 prefill on the CPU", "bf16 training
+        # attention"). torch.compile traces PyTorch's own kernels instead.
+        if needs_grad:
+            return cpu_attention.trainable_attention(q, k, v, causal=True)
         return cpu_attention.attention(q, k, v, causal=True)
     if n == num_keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)

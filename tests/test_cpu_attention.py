@@ -1,4 +1,4 @@
-"""The AVX512-BF16 attention kernel (perceiver_cli/cpu_attention.c) against a dense fp32 reference."""
+"""The AVX512-BF16 attention kernels (perceiver_cli/cpu_attention.c), forward and backward, against dense fp32."""
 
 import pytest
 import torch
@@ -59,21 +59,79 @@ def test_causal_attention_routes_bf16_inference_to_the_kernel(monkeypatch):
         causal_attention(q, k, v)  # square causal: a latent layer
         causal_attention(q, torch.cat((k, k), 2), torch.cat((v, v), 2))  # the cross-attention
         causal_attention(q.float(), k.float(), v.float())  # fp32 stays with PyTorch
-    causal_attention(q.requires_grad_(), k, v)  # training needs a backward pass: PyTorch's kernels
     assert len(calls) == 2
+    monkeypatch.setattr(cpu_attention, "trainable_attention", lambda *args, **kwargs: calls.append(args) or q)
+    causal_attention(q.requires_grad_(), k, v)  # training: the kernels with a backward pass
+    causal_attention(q, k, v, dropout_p=0.1)  # attention dropout stays with PyTorch
+    assert len(calls) == 3
 
 
-@needs_kernel
-def test_bf16_model_with_and_without_the_kernel(monkeypatch):
+def small_model_and_tokens(length: int):
     torch.manual_seed(0)
     config = PerceiverARConfig(
         vocab_size=50, max_context=512, num_latents=128, d_model=128, num_heads=2, num_layers=2
     )
-    model = PerceiverAR(config).eval()
-    tokens = torch.randint(0, model.config.vocab_size, (2, 512))
+    return PerceiverAR(config), torch.randint(0, config.vocab_size, (2, length))
+
+
+@needs_kernel
+def test_bf16_model_with_and_without_the_kernel(monkeypatch):
+    model, tokens = small_model_and_tokens(512)
+    model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         with_kernel = model(tokens).float()
         monkeypatch.setattr(cpu_attention, "_kernel", lambda: None)
         without_kernel = model(tokens).float()
     assert with_kernel.shape == without_kernel.shape == (2, 128, model.config.vocab_size)
     torch.testing.assert_close(with_kernel, without_kernel, atol=0.05, rtol=0.05)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "batch, heads, n, num_keys, head_dim, causal",
+    [
+        (1, 2, 37, 37, 64, True),  # odd query count: a query pair padded with zeros
+        (2, 3, 100, 333, 32, True),  # the cross-attention shape: more keys than queries, a partial key block
+        (1, 2, 65, 129, 128, False),
+        (1, 1, 1, 5, 96, True),
+        (1, 4, 130, 1024, 64, True),  # several query tiles and full key blocks
+    ],
+)
+def test_backward_matches_dense_gradients(batch, heads, n, num_keys, head_dim, causal):
+    torch.manual_seed(n + num_keys)
+    q = bf16_heads(batch, heads, n, head_dim, heads_outer=False).requires_grad_()
+    k, v = (bf16_heads(batch, heads, num_keys, head_dim, heads_outer=n % 2 == 0).requires_grad_() for _ in range(2))
+    grad_out = torch.randn(batch, heads, head_dim, n).bfloat16().transpose(-1, -2)  # not unit stride on Dh
+    cpu_attention.trainable_attention(q, k, v, causal).backward(grad_out)
+    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    dense_reference(*exact, causal)[0].backward(grad_out.float())
+    pytorch_bf16 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    mask = torch.arange(num_keys)[None, :] <= torch.arange(n)[:, None] + num_keys - n if causal else None
+    torch.nn.functional.scaled_dot_product_attention(*pytorch_bf16, attn_mask=mask).backward(grad_out)
+    for ours, reference, theirs in zip((q, k, v), exact, pytorch_bf16, strict=True):
+        assert ours.grad.dtype == torch.bfloat16 and ours.grad.shape == ours.shape
+        error = (ours.grad.float() - reference.grad).abs().max()
+        assert error <= 0.01 * reference.grad.abs().max()
+        # no worse than PyTorch's own bf16 backward pass by more than bf16 rounding of the result
+        their_error = (theirs.grad.float() - reference.grad).abs().max()
+        assert error <= 2 * their_error + 4e-3 * reference.grad.abs().max()
+
+
+@needs_kernel
+def test_bf16_training_gradients_with_and_without_the_kernels(monkeypatch):
+    model, tokens = small_model_and_tokens(513)
+    model.train()
+
+    def gradients():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1]).float()
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, -128:])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return loss, torch.cat([g.flatten() for g in grads])
+
+    loss_with, with_kernels = gradients()
+    monkeypatch.setattr(cpu_attention, "_kernel", lambda: None)
+    loss_without, without_kernels = gradients()
+    torch.testing.assert_close(loss_with, loss_without, atol=2e-3, rtol=1e-3)
+    similarity = torch.nn.functional.cosine_similarity(with_kernels, without_kernels, dim=0)
+    assert similarity > 0.999
