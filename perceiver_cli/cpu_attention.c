@@ -69,6 +69,55 @@ INLINE void value_tile(int rows, int D, const bf16 *probs, const uint32_t *v_pac
         for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + r * D + 16 * c, acc[r][c]);
 }
 
+/* fp32 (FMA) versions of the two tiles: keys packed as [D][KEY_BLOCK] floats, values as plain rows of D */
+INLINE void score_tile_f32(int rows, int D, const float *q, long q_row, const float *k_packed, float *scores,
+                           __m512 scale) {
+    __m512 acc[6][4];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        const float *kp = k_packed + (long)d * KEY_BLOCK;
+        __m512 k0 = _mm512_loadu_ps(kp), k1 = _mm512_loadu_ps(kp + 16), k2 = _mm512_loadu_ps(kp + 32),
+               k3 = _mm512_loadu_ps(kp + 48);
+        for (int r = 0; r < rows; r++) {
+            __m512 qr = _mm512_set1_ps(q[r * q_row + d]);
+            acc[r][0] = _mm512_fmadd_ps(qr, k0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(qr, k1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(qr, k2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(qr, k3, acc[r][3]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(scores + r * KEY_BLOCK + 16 * c, _mm512_mul_ps(acc[r][c], scale));
+}
+
+INLINE void value_tile_f32(int rows, int D, const float *probs, const float *v_rows, float *out) {
+    __m512 acc[6][8];
+    const int vectors = D / 16;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < vectors; c++) acc[r][c] = _mm512_loadu_ps(out + r * D + 16 * c);
+    for (int j = 0; j < KEY_BLOCK; j++) {
+        const float *vr = v_rows + (long)j * D;
+        for (int r = 0; r < rows; r++) {
+            __m512 pr = _mm512_set1_ps(probs[r * KEY_BLOCK + j]);
+            for (int c = 0; c < vectors; c++) acc[r][c] = _mm512_fmadd_ps(pr, _mm512_loadu_ps(vr + 16 * c), acc[r][c]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + r * D + 16 * c, acc[r][c]);
+}
+
+/* the tile functions with a constant row count, so that their accumulators stay in registers */
+#define BY_ROWS(rows, call)                                                                                          \
+    switch (rows) {                                                                                                  \
+    case 6: call(6); break;                                                                                          \
+    case 5: call(5); break;                                                                                          \
+    case 4: call(4); break;                                                                                          \
+    case 3: call(3); break;                                                                                          \
+    case 2: call(2); break;                                                                                          \
+    default: call(1); break;                                                                                         \
+    }
+
 typedef struct {
     int batch, heads, n, num_keys, D, causal, threads;
     const bf16 *q, *k, *v;
@@ -76,6 +125,9 @@ typedef struct {
     bf16 *out;
     float *lse; /* (batch, heads, n) contiguous, natural log; may be NULL */
     uint32_t *k_packed, *v_packed;
+    int f32; /* fp32 tensors instead: the fields below instead of q, k, v, out, k_packed, v_packed */
+    const float *q32, *k32, *v32;
+    float *out32, *k_packed32, *v_packed32;
     float scale_log2; /* softmax scale times log2(e): scores are kept in base 2 */
     int key_blocks, query_blocks, items;
     int next; /* work counter */
@@ -135,7 +187,31 @@ static void pack_along_rows(const bf16 *x, long row, long count, int D, uint32_t
     }
 }
 
+/* fp32 keys as [block][D][KEY_BLOCK] and values as contiguous rows, zeros past the keys */
+static void pack_head_f32(Job *job, int bh) {
+    const int D = job->D, b = bh / job->heads, h = bh % job->heads;
+    const long size = (long)job->key_blocks * KEY_BLOCK * D, k_row = job->k_strides[2], v_row = job->v_strides[2];
+    const float *k = job->k32 + b * job->k_strides[0] + h * job->k_strides[1];
+    const float *v = job->v32 + b * job->v_strides[0] + h * job->v_strides[1];
+    float *kp = job->k_packed32 + bh * size, *vp = job->v_packed32 + bh * size;
+    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32((int)k_row));
+    for (long key = 0; key < (long)job->key_blocks * KEY_BLOCK; key += 16) {
+        float *kb = kp + key / KEY_BLOCK * KEY_BLOCK * D + key % KEY_BLOCK;
+        const long here = job->num_keys - key;
+        if (here >= 16 && 16 * k_row < (1L << 31))
+            for (int d = 0; d < D; d++) _mm512_storeu_ps(kb + d * KEY_BLOCK, _mm512_i32gather_ps(rows16, k + key * k_row + d, 4));
+        else
+            for (int d = 0; d < D; d++)
+                for (int j = 0; j < 16; j++) kb[d * KEY_BLOCK + j] = j < here ? k[(key + j) * k_row + d] : 0.0f;
+        for (int j = 0; j < 16; j++)
+            if (j < here) memcpy(vp + (key + j) * D, v + (key + j) * v_row, sizeof(float) * D);
+            else memset(vp + (key + j) * D, 0, sizeof(float) * D);
+    }
+}
+
 static void pack_head(Job *job, int bh) {
+    if (job->f32) return pack_head_f32(job, bh);
     const int D = job->D, b = bh / job->heads, h = bh % job->heads;
     const long size = (long)job->key_blocks * KEY_BLOCK * (D / 2);
     pack_along_dim(job->k + b * job->k_strides[0] + h * job->k_strides[1], job->k_strides[2], job->num_keys, D,
@@ -144,7 +220,9 @@ static void pack_head(Job *job, int bh) {
                     job->v_packed + bh * size);
 }
 
-INLINE void run_item(Job *job, int item, int D, float *scores, bf16 *probs, float *acc, float *row_max,
+/* one block of queries of one (batch, head) over every key it sees; `f32` (a constant where inlined): fp32
+   tensors and FMA tiles, else bf16 and vdpbf16ps */
+INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *probs, float *acc, float *row_max,
                      float *row_sum) {
     /* items run from the most keys to the fewest, so the causal tail balances across threads */
     const int qblock = job->query_blocks - 1 - item % job->query_blocks, bh = item / job->query_blocks;
@@ -152,9 +230,13 @@ INLINE void run_item(Job *job, int item, int D, float *scores, bf16 *probs, floa
     const int first = qblock * QUERY_BLOCK, count = job->n - first < QUERY_BLOCK ? job->n - first : QUERY_BLOCK;
     const long offset = (long)job->num_keys - job->n; /* query i sees keys <= i + offset when causal */
     const long key_end = job->causal ? first + count + offset : job->num_keys;
-    const bf16 *q = job->q + b * job->q_strides[0] + h * job->q_strides[1] + (long)first * job->q_strides[2];
+    const long q_at = b * job->q_strides[0] + h * job->q_strides[1] + (long)first * job->q_strides[2];
+    const bf16 *q = job->q + q_at;
+    const float *q32 = job->q32 + q_at;
     const uint32_t *kp = job->k_packed + (long)bh * job->key_blocks * KEY_BLOCK * (D / 2);
     const uint32_t *vp = job->v_packed + (long)bh * job->key_blocks * KEY_BLOCK * (D / 2);
+    const float *kp32 = job->k_packed32 + (long)bh * job->key_blocks * KEY_BLOCK * D;
+    const float *vp32 = job->v_packed32 + (long)bh * job->key_blocks * KEY_BLOCK * D;
     const __m512 scale = _mm512_set1_ps(job->scale_log2);
     for (int i = 0; i < count; i++) row_max[i] = -INFINITY, row_sum[i] = 0.0f;
     memset(acc, 0, sizeof(float) * count * D);
@@ -162,17 +244,16 @@ INLINE void run_item(Job *job, int item, int D, float *scores, bf16 *probs, floa
         const long block = start / KEY_BLOCK;
         for (int r = 0; r < count; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
-            const bf16 *qr = q + r * job->q_strides[2];
+            const long q_row = job->q_strides[2];
             float *sr = scores + r * KEY_BLOCK;
             const uint32_t *kb = kp + block * KEY_BLOCK * (D / 2);
-            switch (rows) { /* constant row counts let the compiler keep the accumulators in registers */
-            case 6: score_tile(6, D, qr, job->q_strides[2], kb, sr, scale); break;
-            case 5: score_tile(5, D, qr, job->q_strides[2], kb, sr, scale); break;
-            case 4: score_tile(4, D, qr, job->q_strides[2], kb, sr, scale); break;
-            case 3: score_tile(3, D, qr, job->q_strides[2], kb, sr, scale); break;
-            case 2: score_tile(2, D, qr, job->q_strides[2], kb, sr, scale); break;
-            default: score_tile(1, D, qr, job->q_strides[2], kb, sr, scale); break;
-            }
+            const float *kb32 = kp32 + block * KEY_BLOCK * D;
+            /* constant row counts let the compiler keep the accumulators in registers */
+#define SCORE_TILE(R)                                                                                                \
+    if (f32) score_tile_f32(R, D, q32 + r * q_row, q_row, kb32, sr, scale);                                           \
+    else score_tile(R, D, q + r * q_row, q_row, kb, sr, scale)
+            BY_ROWS(rows, SCORE_TILE)
+#undef SCORE_TILE
         }
         for (int i = 0; i < count; i++) {
             float *s = scores + i * KEY_BLOCK;
@@ -193,13 +274,20 @@ INLINE void run_item(Job *job, int item, int D, float *scores, bf16 *probs, floa
             __m512 m = _mm512_set1_ps(new_max);
             __m512 p0 = exp2_ps(_mm512_sub_ps(s0, m)), p1 = exp2_ps(_mm512_sub_ps(s1, m));
             __m512 p2 = exp2_ps(_mm512_sub_ps(s2, m)), p3 = exp2_ps(_mm512_sub_ps(s3, m));
-            /* sum the probabilities as rounded to bf16, the values the product with V uses */
-            __m512bh b01 = _mm512_cvtne2ps_pbh(p1, p0), b23 = _mm512_cvtne2ps_pbh(p3, p2);
-            _mm512_storeu_si512(probs + i * KEY_BLOCK, (__m512i)b01);
-            _mm512_storeu_si512(probs + i * KEY_BLOCK + 32, (__m512i)b23);
-            __m512 ones = (__m512)_mm512_set1_epi32(0x3F803F80); /* bf16 pairs (1, 1) */
-            __m512 total = _mm512_dpbf16_ps(_mm512_setzero_ps(), b01, (__m512bh)ones);
-            total = _mm512_dpbf16_ps(total, b23, (__m512bh)ones);
+            __m512 total;
+            if (f32) {
+                float *pf = (float *)probs + i * KEY_BLOCK;
+                _mm512_storeu_ps(pf, p0), _mm512_storeu_ps(pf + 16, p1);
+                _mm512_storeu_ps(pf + 32, p2), _mm512_storeu_ps(pf + 48, p3);
+                total = _mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3));
+            } else { /* sum the probabilities as rounded to bf16, the values the product with V uses */
+                __m512bh b01 = _mm512_cvtne2ps_pbh(p1, p0), b23 = _mm512_cvtne2ps_pbh(p3, p2);
+                _mm512_storeu_si512((bf16 *)probs + i * KEY_BLOCK, (__m512i)b01);
+                _mm512_storeu_si512((bf16 *)probs + i * KEY_BLOCK + 32, (__m512i)b23);
+                __m512 ones = (__m512)_mm512_set1_epi32(0x3F803F80); /* bf16 pairs (1, 1) */
+                total = _mm512_dpbf16_ps(_mm512_setzero_ps(), b01, (__m512bh)ones);
+                total = _mm512_dpbf16_ps(total, b23, (__m512bh)ones);
+            }
             float correction = new_max == row_max[i] ? 1.0f : exp2f(row_max[i] - new_max); /* rare after a few blocks */
             row_sum[i] = row_sum[i] * correction + _mm512_reduce_add_ps(total);
             row_max[i] = new_max;
@@ -209,26 +297,24 @@ INLINE void run_item(Job *job, int item, int D, float *scores, bf16 *probs, floa
             }
         }
         const uint32_t *vb = vp + block * KEY_BLOCK * (D / 2);
+        const float *vb32 = vp32 + block * KEY_BLOCK * D;
         for (int r = 0; r < count; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
-            const bf16 *pr = probs + r * KEY_BLOCK;
             float *ar = acc + r * D;
-            switch (rows) {
-            case 6: value_tile(6, D, pr, vb, ar); break;
-            case 5: value_tile(5, D, pr, vb, ar); break;
-            case 4: value_tile(4, D, pr, vb, ar); break;
-            case 3: value_tile(3, D, pr, vb, ar); break;
-            case 2: value_tile(2, D, pr, vb, ar); break;
-            default: value_tile(1, D, pr, vb, ar); break;
-            }
+#define VALUE_TILE(R)                                                                                                \
+    if (f32) value_tile_f32(R, D, (const float *)probs + r * KEY_BLOCK, vb32, ar);                                   \
+    else value_tile(R, D, (const bf16 *)probs + r * KEY_BLOCK, vb, ar)
+            BY_ROWS(rows, VALUE_TILE)
+#undef VALUE_TILE
         }
     }
-    bf16 *out = job->out + b * job->out_strides[0] + h * job->out_strides[1] + (long)first * job->out_strides[2];
+    const long out_at = b * job->out_strides[0] + h * job->out_strides[1] + (long)first * job->out_strides[2];
     for (int i = 0; i < count; i++) {
         __m512 inv = _mm512_set1_ps(1.0f / row_sum[i]);
         for (int d = 0; d < D; d += 16) {
-            __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + i * D + d), inv));
-            _mm256_storeu_si256((__m256i *)(out + i * job->out_strides[2] + d), (__m256i)rounded);
+            const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + d), inv);
+            if (f32) _mm512_storeu_ps(job->out32 + out_at + i * job->out_strides[2] + d, value);
+            else _mm256_storeu_si256((__m256i *)(job->out + out_at + i * job->out_strides[2] + d), (__m256i)_mm512_cvtneps_pbh(value));
         }
         if (job->lse) job->lse[(long)bh * job->n + first + i] = (row_max[i] + log2f(row_sum[i])) * 0.69314718f;
     }
@@ -236,15 +322,19 @@ INLINE void run_item(Job *job, int item, int D, float *scores, bf16 *probs, floa
 
 static void run_items(Job *job, int D) {
     float *scores = aligned_alloc(64, sizeof(float) * QUERY_BLOCK * KEY_BLOCK);
-    bf16 *probs = aligned_alloc(64, sizeof(bf16) * QUERY_BLOCK * KEY_BLOCK);
+    void *probs = aligned_alloc(64, sizeof(float) * QUERY_BLOCK * KEY_BLOCK);
     float *acc = aligned_alloc(64, sizeof(float) * QUERY_BLOCK * 128);
     float row_max[QUERY_BLOCK], row_sum[QUERY_BLOCK];
     for (int item = take(job); item < job->items; item = take(job)) {
-        switch (D) { /* one specialisation per supported head size */
-        case 32: run_item(job, item, 32, scores, probs, acc, row_max, row_sum); break;
-        case 64: run_item(job, item, 64, scores, probs, acc, row_max, row_sum); break;
-        case 96: run_item(job, item, 96, scores, probs, acc, row_max, row_sum); break;
-        default: run_item(job, item, 128, scores, probs, acc, row_max, row_sum); break;
+        switch (D + job->f32) { /* one specialisation per supported head size and precision */
+        case 32: run_item(job, item, 32, 0, scores, probs, acc, row_max, row_sum); break;
+        case 64: run_item(job, item, 64, 0, scores, probs, acc, row_max, row_sum); break;
+        case 96: run_item(job, item, 96, 0, scores, probs, acc, row_max, row_sum); break;
+        case 128: run_item(job, item, 128, 0, scores, probs, acc, row_max, row_sum); break;
+        case 33: run_item(job, item, 32, 1, scores, probs, acc, row_max, row_sum); break;
+        case 65: run_item(job, item, 64, 1, scores, probs, acc, row_max, row_sum); break;
+        case 97: run_item(job, item, 96, 1, scores, probs, acc, row_max, row_sum); break;
+        default: run_item(job, item, 128, 1, scores, probs, acc, row_max, row_sum); break;
         }
     }
     free(scores), free(probs), free(acc);
@@ -304,17 +394,6 @@ INLINE void key_rows_tile(int rows, int D, const uint32_t *pack, int pairs, cons
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < vectors; c++) _mm512_storeu_ps(acc + r * D + 16 * c, a[r][c]);
 }
-
-/* the tile functions with a constant row count, so that their accumulators stay in registers */
-#define BY_ROWS(rows, call)                                                                                          \
-    switch (rows) {                                                                                                  \
-    case 6: call(6); break;                                                                                          \
-    case 5: call(5); break;                                                                                          \
-    case 4: call(4); break;                                                                                          \
-    case 3: call(3); break;                                                                                          \
-    case 2: call(2); break;                                                                                          \
-    default: call(1); break;                                                                                         \
-    }
 
 static void prepare_head(Backward *job, int bh) {
     const int D = job->D, b = bh / job->heads, h = bh % job->heads, n = job->n;
@@ -484,6 +563,29 @@ static void run_parallel(Job *job, void (*worker)(Job *)) {
 /* Bytes of the workspace bf16_flash_attention needs for the packed keys and values. */
 long bf16_flash_attention_workspace(int batch, int heads, int num_keys, int D) {
     return 2L * sizeof(uint32_t) * batch * heads * ((num_keys + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2);
+}
+
+/* The same attention in fp32 (tensors, products and softmax): for fp32 inference. Workspace: twice
+   bf16_flash_attention_workspace's bytes. Returns 0 on success, 1 for unsupported sizes. */
+int f32_flash_attention(int batch, int heads, int n, int num_keys, int D, int causal, int threads, const float *q,
+                        const long *q_strides, const float *k, const long *k_strides, const float *v,
+                        const long *v_strides, float *out, const long *out_strides, float *lse, float scale,
+                        void *workspace) {
+    if (D % 32 || D > 128 || n <= 0 || num_keys < (causal ? n : 1)) return 1;
+    Job job = {batch, heads, n, num_keys, D, causal, threads < 1 ? 1 : threads};
+    for (int i = 0; i < 3; i++)
+        job.q_strides[i] = q_strides[i], job.k_strides[i] = k_strides[i], job.v_strides[i] = v_strides[i],
+        job.out_strides[i] = out_strides[i];
+    job.f32 = 1, job.q32 = q, job.k32 = k, job.v32 = v, job.out32 = out;
+    job.lse = lse, job.scale_log2 = scale * 1.44269504f;
+    job.key_blocks = (num_keys + KEY_BLOCK - 1) / KEY_BLOCK;
+    job.query_blocks = (n + QUERY_BLOCK - 1) / QUERY_BLOCK;
+    job.items = batch * heads * job.query_blocks;
+    job.k_packed32 = workspace;
+    job.v_packed32 = job.k_packed32 + (size_t)batch * heads * job.key_blocks * KEY_BLOCK * D;
+    run_parallel(&job, pack_worker);
+    run_parallel(&job, attend_worker);
+    return 0;
 }
 
 /* Returns 0 on success, 1 for unsupported sizes. The caller passes the workspace (64-byte aligned is best): a

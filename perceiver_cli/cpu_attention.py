@@ -42,7 +42,15 @@ def _kernel():
     backward.restype = ctypes.c_int
     backward_workspace = library.bf16_flash_attention_backward_workspace
     backward_workspace.argtypes, backward_workspace.restype = [ctypes.c_int] * 6, ctypes.c_long
-    return function, workspace, backward, backward_workspace
+    f32_function = library.f32_flash_attention
+    f32_function.argtypes, f32_function.restype = function.argtypes, ctypes.c_int
+    return {
+        torch.bfloat16: function,
+        torch.float32: f32_function,
+        "workspace": workspace,
+        "backward": backward,
+        "backward_workspace": backward_workspace,
+    }
 
 
 def available() -> bool:
@@ -50,11 +58,13 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether `attention` takes these tensors: bf16 CPU tensors of a supported head size, unit stride on it."""
+def supports(q: Tensor, k: Tensor, v: Tensor, training: bool = False) -> bool:
+    """Whether `attention` (`trainable_attention` with `training`) takes these tensors: CPU tensors of a
+    supported head size with unit stride on it, bf16 or fp32 (bf16 only in training: no fp32 backward here)."""
     return (
         q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.dtype == k.dtype == v.dtype
+        and q.dtype in ((torch.bfloat16,) if training else (torch.bfloat16, torch.float32))
         and q.dim() == 4
         and q.shape[-1] in HEAD_DIMS
         and all(t.stride(-1) == 1 for t in (q, k, v))
@@ -66,22 +76,31 @@ def _strides(t: Tensor):
     return (ctypes.c_long * 3)(t.stride(0), t.stride(1), t.stride(2))
 
 
+def _heads_last(shape, like: Tensor) -> Tensor:
+    """An empty (B, H, T, Dh) bf16 tensor laid out as (B, T, H, Dh), the layout the model's views have."""
+    batch, heads, length, head_dim = shape
+    return torch.empty(batch, length, heads, head_dim, dtype=like.dtype).transpose(1, 2)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, with_lse: bool = False):
-    """softmax(q k^T / sqrt(Dh)) v for (B, H, n, Dh) q and (B, H, Tk, Dh) k, v, all bf16.
+    """softmax(q k^T / sqrt(Dh)) v for (B, H, n, Dh) q and (B, H, Tk, Dh) k, v, all bf16 or all fp32.
 
     causal: query i sees keys [0, i + Tk - n] (bottom-right), else all keys. Returns the output (B, H, n, Dh)
-    in bf16, a view of a (B, n, H, Dh) tensor so that merging the heads costs no copy, and with with_lse also
-    the log-sum-exp of each query's scores (B, H, n) in fp32.
+    in the inputs' dtype, a view of a (B, n, H, Dh) tensor so that merging the heads costs no copy, and with
+    with_lse also the log-sum-exp of each query's scores (B, H, n) in fp32.
     """
     batch, heads, n, head_dim = q.shape
     num_keys = k.shape[-2]
     if causal and num_keys < n:
         raise ValueError(f"causal attention needs at least as many keys ({num_keys}) as queries ({n})")
-    out = torch.empty(batch, n, heads, head_dim, dtype=torch.bfloat16).transpose(1, 2)  # (B, H, n, Dh)
+    out = _heads_last(q.shape, q)
     lse = torch.empty(batch, heads, n) if with_lse else None
-    kernel, workspace_bytes, _, _ = _kernel()
-    # from PyTorch's allocator, which asks for huge pages where the CLI enabled them (see cli/__init__.py)
-    workspace = torch.empty(workspace_bytes(batch, heads, num_keys, head_dim), dtype=torch.uint8)
+    kernels = _kernel()
+    kernel = kernels[q.dtype]
+    # from PyTorch's allocator, which asks for huge pages where the CLI enabled them (see cli/__init__.py);
+    # fp32 keys and values take twice the bytes
+    workspace_bytes = kernels["workspace"](batch, heads, num_keys, head_dim) * q.element_size() // 2
+    workspace = torch.empty(workspace_bytes, dtype=torch.uint8)
     status = kernel(
         batch, heads, n, num_keys, head_dim, int(causal), torch.get_num_threads(),
         q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
@@ -93,12 +112,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, with_lse: bool = Fa
     return (out, lse) if with_lse else out
 
 
-def _heads_last(shape, like: Tensor) -> Tensor:
-    """An empty (B, H, T, Dh) bf16 tensor laid out as (B, T, H, Dh), the layout the model's views have."""
-    batch, heads, length, head_dim = shape
-    return torch.empty(batch, length, heads, head_dim, dtype=like.dtype).transpose(1, 2)
-
-
 def attention_backward(q, k, v, out, lse, grad_out, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `attention(q, k, v, causal)` with respect to q, k and v, from its output and log-sum-exp."""
     if grad_out.stride(-1) != 1:
@@ -107,7 +120,7 @@ def attention_backward(q, k, v, out, lse, grad_out, causal: bool) -> tuple[Tenso
     batch, heads, n, head_dim = q.shape
     num_keys = k.shape[-2]
     dq, dk, dv = _heads_last(q.shape, q), _heads_last(k.shape, k), _heads_last(v.shape, v)
-    _, _, kernel, workspace_bytes = _kernel()
+    kernel, workspace_bytes = _kernel()["backward"], _kernel()["backward_workspace"]
     threads = torch.get_num_threads()
     workspace = torch.empty(workspace_bytes(batch, heads, n, num_keys, head_dim, threads), dtype=torch.uint8)
     status = kernel(

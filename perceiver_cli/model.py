@@ -133,13 +133,14 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
     """
     n, num_keys = q.shape[-2], k.shape[-2]
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if n > 1 and dropout_p == 0.0 and cpu_attention.supports(q, k, v) and not torch.compiler.is_compiling():
-        # bf16 on a CPU with AVX512-BF16: our kernels are ~2x PyTorch's there, forward and backward, and take the
-        # bottom-right mask directly (cpu_attention.py; BENCHMARKS.md "bf16 prefill on the CPU", "bf16 training
-        # attention"). torch.compile traces PyTorch's own kernels instead.
-        if needs_grad:
+    if n > 1 and dropout_p == 0.0 and cpu_attention.supports(q, k, v, training=needs_grad):
+        # A CPU with AVX512-BF16: our kernels take the bottom-right mask directly and are ~2x PyTorch's in bf16,
+        # forward and backward, and faster in fp32 inference (cpu_attention.py; BENCHMARKS.md "bf16 prefill on
+        # the CPU", "bf16 training attention", "fp32 attention"). torch.compile traces PyTorch's kernels instead.
+        if needs_grad and not torch.compiler.is_compiling():
             return cpu_attention.trainable_attention(q, k, v, causal=True)
-        return cpu_attention.attention(q, k, v, causal=True)
+        if not needs_grad:
+            return cpu_attention.attention(q, k, v, causal=True)
     if n == num_keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     if n == 1 and q.device.type == "cpu" and not needs_grad and dropout_p == 0.0:

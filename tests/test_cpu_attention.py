@@ -18,11 +18,11 @@ def dense_reference(q, k, v, causal):
     return scores.softmax(-1) @ v.float(), scores.logsumexp(-1)
 
 
-def bf16_heads(batch, heads, length, head_dim, heads_outer=True):
-    """(B, H, T, Dh) bf16, either contiguous or a view of (B, T, H, Dh) as the model's projections give."""
+def bf16_heads(batch, heads, length, head_dim, heads_outer=True, dtype=torch.bfloat16):
+    """(B, H, T, Dh), either contiguous or a view of (B, T, H, Dh) as the model's projections give."""
     if heads_outer:
-        return torch.randn(batch, heads, length, head_dim).bfloat16()
-    return torch.randn(batch, length, heads, head_dim).bfloat16().transpose(1, 2)
+        return torch.randn(batch, heads, length, head_dim).to(dtype)
+    return torch.randn(batch, length, heads, head_dim).to(dtype).transpose(1, 2)
 
 
 @needs_kernel
@@ -38,32 +38,41 @@ def bf16_heads(batch, heads, length, head_dim, heads_outer=True):
         (1, 2, 300, 4096, 64, True),  # full key blocks only: the vectorised packing
     ],
 )
-def test_kernel_matches_dense_attention(batch, heads, n, num_keys, head_dim, causal):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_dense_attention(batch, heads, n, num_keys, head_dim, causal, dtype):
     torch.manual_seed(n + num_keys)
-    q = bf16_heads(batch, heads, n, head_dim, heads_outer=False)
-    k, v = (bf16_heads(batch, heads, num_keys, head_dim, heads_outer=n % 2 == 0) for _ in range(2))
+    q = bf16_heads(batch, heads, n, head_dim, heads_outer=False, dtype=dtype)
+    k, v = (bf16_heads(batch, heads, num_keys, head_dim, heads_outer=n % 2 == 0, dtype=dtype) for _ in range(2))
+    if dtype == torch.float32:  # keys with a row stride that is not their width, as the model's k/v views have
+        k = torch.cat((k, torch.randn_like(k)), dim=-1)[..., :head_dim]
     out, lse = cpu_attention.attention(q, k, v, causal, with_lse=True)
     expected_out, expected_lse = dense_reference(q, k, v, causal)
-    assert out.dtype == torch.bfloat16 and out.shape == (batch, heads, n, head_dim)
+    assert out.dtype == dtype and out.shape == (batch, heads, n, head_dim)
+    if dtype == torch.float32:  # fp32 throughout: within float rounding of the dense reference
+        torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+        return
     # bf16 inputs and bf16 probabilities in the value product: within a few bf16 roundings of fp32 math
     torch.testing.assert_close(out.float(), expected_out, atol=1e-2, rtol=2e-2)
     torch.testing.assert_close(lse, expected_lse, atol=2e-3, rtol=1e-3)
 
 
 @needs_kernel
-def test_causal_attention_routes_bf16_inference_to_the_kernel(monkeypatch):
+def test_causal_attention_routes_to_the_kernels(monkeypatch):
     q, k, v = (bf16_heads(1, 2, 64, 64) for _ in range(3))
     calls = []
     monkeypatch.setattr(cpu_attention, "attention", lambda *args, **kwargs: calls.append(args) or q)
     with torch.no_grad():
         causal_attention(q, k, v)  # square causal: a latent layer
         causal_attention(q, torch.cat((k, k), 2), torch.cat((v, v), 2))  # the cross-attention
-        causal_attention(q.float(), k.float(), v.float())  # fp32 stays with PyTorch
-    assert len(calls) == 2
-    monkeypatch.setattr(cpu_attention, "trainable_attention", lambda *args, **kwargs: calls.append(args) or q)
-    causal_attention(q.requires_grad_(), k, v)  # training: the kernels with a backward pass
-    causal_attention(q, k, v, dropout_p=0.1)  # attention dropout stays with PyTorch
+        causal_attention(q.float(), k.float(), v.float())  # fp32 inference too
+        causal_attention(q[..., :1, :], k, v)  # one query (a cached step): the two-matmul path
     assert len(calls) == 3
+    monkeypatch.setattr(cpu_attention, "trainable_attention", lambda *args, **kwargs: calls.append(args) or q)
+    causal_attention(q.requires_grad_(), k, v)  # bf16 training: the kernels with a backward pass
+    causal_attention(q, k, v, dropout_p=0.1)  # attention dropout stays with PyTorch
+    causal_attention(q.float(), k.float(), v.float())  # fp32 training too: no fp32 backward here
+    assert len(calls) == 4
 
 
 def small_model_and_tokens(length: int):
@@ -75,15 +84,17 @@ def small_model_and_tokens(length: int):
 
 
 @needs_kernel
-def test_bf16_model_with_and_without_the_kernel(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_model_with_and_without_the_kernel(monkeypatch, dtype):
     model, tokens = small_model_and_tokens(512)
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         with_kernel = model(tokens).float()
         monkeypatch.setattr(cpu_attention, "_kernel", lambda: None)
         without_kernel = model(tokens).float()
     assert with_kernel.shape == without_kernel.shape == (2, 128, model.config.vocab_size)
-    torch.testing.assert_close(with_kernel, without_kernel, atol=0.05, rtol=0.05)
+    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(with_kernel, without_kernel, atol=tolerance, rtol=tolerance)
 
 
 @needs_kernel
