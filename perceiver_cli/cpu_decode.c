@@ -32,13 +32,14 @@ typedef struct {
     const void *query, *key_value, *out; /* (D, D), (2D, D), (D, D), fp32 or bf16 (Model.weights_bf16) */
     const float *norm_mlp_weight, *norm_mlp_bias;
     const void *up, *down; /* (F, D), (D, F) */
-    float *keys, *values;   /* this block's caches */
-    long cache_strides[4];  /* batch, head, position, dim; rows: unit stride along dim */
+    void *keys, *values;    /* this block's caches, fp32 or bf16 (Model.caches_bf16) */
+    long cache_strides[4];  /* batch, head, position, dim, in elements; rows: unit stride along dim */
 } Block;
 
 typedef struct {
     int batch, d_model, heads, head_dim, rotary_half, hidden, vocab, layers;
     int weights_bf16; /* the products' weights (not the embedding, norms or caches) are bf16: half the bytes */
+    int caches_bf16;  /* the key/value caches are bf16: half the bytes a step reads from them (most, at batch 16) */
     float eps;
     const float *embedding, *final_weight, *final_bias;
     const void *head;
@@ -196,17 +197,18 @@ static void rotate(const Step *s, float *x) {
     }
 }
 
-/* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V */
-static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
-                   float *out) {
+/* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V; bf16
+   caches are widened to fp32 as they are loaded, like bf16 weights */
+INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
+                         float *out, int bf16) {
     const int D = s->m->head_dim;
     const long *st = block->cache_strides;
-    const float *k = block->keys + b * st[0] + h * st[1], *v = block->values + b * st[0] + h * st[1];
+    const long at = b * st[0] + h * st[1];
     const float scale = 1.0f / sqrtf((float)D);
     for (long t = 0; t < length; t++) { /* one dot product of D floats per key */
-        const float *row = k + t * st[2];
         __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + d), _mm512_loadu_ps(q + d), acc);
+        for (int d = 0; d < D; d += 16)
+            acc = _mm512_fmadd_ps(load_weights(block->keys, at + t * st[2] + d, bf16), _mm512_loadu_ps(q + d), acc);
         scores[t] = _mm512_reduce_add_ps(acc) * scale;
     }
     __m512 top = _mm512_set1_ps(-INFINITY);
@@ -225,11 +227,24 @@ static void attend(const Step *s, const Block *block, int b, int h, const float 
     __m512 acc[8]; /* out += p[t] V[t] */
     for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
     for (long t = 0; t < length; t++) {
-        const float *row = v + t * st[2];
         __m512 p = _mm512_set1_ps(scores[t]);
-        for (int c = 0; c < D / 16; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row + 16 * c), acc[c]);
+        for (int c = 0; c < D / 16; c++)
+            acc[c] = _mm512_fmadd_ps(p, load_weights(block->values, at + t * st[2] + 16 * c, bf16), acc[c]);
     }
     for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+}
+
+static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
+                   float *out) {
+    if (s->m->caches_bf16) attend_cache(s, block, b, h, q, length, scores, out, 1);
+    else attend_cache(s, block, b, h, q, length, scores, out, 0);
+}
+
+/* fp32 to bf16, rounding to nearest even as PyTorch's conversion does (the refills write bf16 caches that way) */
+INLINE uint16_t to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
 /* the attention part of a block for this thread's (row, head) items, then its output projection */
@@ -245,10 +260,16 @@ static void attention_phase(Step *s, int id, const Block *block, int is_cross, f
         if (!is_cross || s->append) { /* this step's key and value go into the block's cache at `slot` */
             float *key = s->key_value + (long)b * 2 * D + h * Dh, *value = key + D;
             rotate(s, key);
-            const long *st = block->cache_strides;
-            float *kc = block->keys + b * st[0] + h * st[1] + slot * st[2];
-            float *vc = block->values + b * st[0] + h * st[1] + slot * st[2];
-            for (int d = 0; d < Dh; d++) kc[d * st[3]] = key[d], vc[d * st[3]] = value[d];
+            const long *st = block->cache_strides, at = b * st[0] + h * st[1] + slot * st[2];
+            for (int d = 0; d < Dh; d++) {
+                if (m->caches_bf16) {
+                    ((uint16_t *)block->keys)[at + d * st[3]] = to_bf16(key[d]);
+                    ((uint16_t *)block->values)[at + d * st[3]] = to_bf16(value[d]);
+                } else {
+                    ((float *)block->keys)[at + d * st[3]] = key[d];
+                    ((float *)block->values)[at + d * st[3]] = value[d];
+                }
+            }
         }
         attend(s, block, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh);
     }

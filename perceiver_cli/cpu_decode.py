@@ -38,6 +38,7 @@ class _Model(ctypes.Structure):
         ("vocab", ctypes.c_int),
         ("layers", ctypes.c_int),
         ("weights_bf16", ctypes.c_int),
+        ("caches_bf16", ctypes.c_int),
         ("eps", ctypes.c_float),
         *((name, _pointer) for name in ("embedding", "final_weight", "final_bias", "head")),
         *((name, _pointer) for name in ("input_norm_weight", "input_norm_bias")),
@@ -66,15 +67,16 @@ def available() -> bool:
 
 
 def supports(model: nn.Module, state) -> bool:
-    """fp32 CPU weights and caches stored as rows (a refill under bf16 autocast leaves bf16 caches; without the
-    kernel the cross-attention cache is transposed), sizes the kernel takes (multiples of 16), one LayerNorm eps,
-    and the kernel built."""
+    """fp32 CPU weights, caches stored as rows (without the kernel the cross-attention cache is transposed) and all
+    fp32 or all bf16, sizes the kernel takes (multiples of 16), one LayerNorm eps, and the kernel built."""
     c = model.config
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     caches = [state.cross_key, state.cross_value, *state.latent_keys, *state.latent_values]
     return (
         all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
-        and all(t is not None and t.dtype == torch.float32 and t.stride(-1) == 1 for t in caches)
+        and all(t is not None and t.stride(-1) == 1 for t in caches)
+        and len({t.dtype for t in caches}) == 1
+        and caches[0].dtype in (torch.float32, torch.bfloat16)
         and c.d_model % 16 == 0
         and c.head_dim % 16 == 0
         and c.head_dim <= 128
@@ -90,7 +92,8 @@ class FusedStep:
 
     `weights`: where the products' weight matrices come from: `model` (fp32), or a generate.step_model copy
     whose matrices are all bf16 (half the bytes each step streams; widened to fp32 as they are loaded, so only
-    the weights are rounded). Embedding, norms and caches are always the model's fp32 ones."""
+    the weights are rounded). Embedding and norms are always the model's fp32 ones; the caches are the state's,
+    fp32 or bf16 (half the bytes each step reads from them; written rounded to nearest even, like a refill's)."""
 
     def __init__(self, model: nn.Module, state, weights: nn.Module | None = None) -> None:
         c = model.config
@@ -133,7 +136,8 @@ class FusedStep:
         self.blocks = (_Block * len(blocks))(*blocks)
         self.spec = _Model(
             state.batch, c.d_model, c.num_heads, c.head_dim, c.rotary_dim // 2, int(c.d_model * c.mlp_ratio),
-            c.vocab_size, c.num_layers, int(self.weights_bf16), model.final_norm.eps,
+            c.vocab_size, c.num_layers, int(self.weights_bf16), int(state.cross_key.dtype == torch.bfloat16),
+            model.final_norm.eps,
             address(model.embedding.weight), address(model.final_norm.weight), address(model.final_norm.bias),
             address(source.head.weight),
             address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),

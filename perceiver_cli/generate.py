@@ -240,6 +240,7 @@ class DecodeState:
         device: torch.device,
         stepper: PerceiverAR | None = None,
         num_latents: int | None = None,
+        cache_dtype: torch.dtype | None = None,
     ):
         c = model.config
         self.model = model
@@ -261,15 +262,24 @@ class DecodeState:
         self.batch, self.device = batch, device
         self.fused: cpu_decode.FusedStep | bool | None = None  # decided with the caches (_allocate)
         self.pending_append = False  # the newest token's cross-attention keys/values are left to the fused step
+        # bf16 caches halve the bytes a cached step reads from them (at batch 16, 84% of its bytes); only the
+        # fused C step reads them, so they are kept only where it runs (None: the dtype the model computes in)
+        self.cache_dtype = cache_dtype
 
     def _allocate(self, like: Tensor) -> None:
+        dtype = self.cache_dtype or like.dtype
+        self._allocate_as(like, dtype)
+        if not self.fused and dtype != like.dtype:  # no C step for these caches: the PyTorch steps' dtype
+            self._allocate_as(like, like.dtype)
+
+    def _allocate_as(self, like: Tensor, dtype: torch.dtype) -> None:
         c = self.model.config
 
         def transposed(capacity: int) -> Tensor:
             # Stored (B, H, Dh, capacity) and handed out as a (B, H, capacity, Dh) view: a cached step's
             # attention is one query per row, and q @ K^T and p @ V stream this layout ~1.3x faster than the
             # (T, Dh) one, whose 64-float rows make the BLAS do a short reduction per key.
-            return like.new_empty(self.batch, c.num_heads, c.head_dim, capacity).transpose(-1, -2)
+            return like.new_empty(self.batch, c.num_heads, c.head_dim, capacity, dtype=dtype).transpose(-1, -2)
 
         # Only the cross-attention cache (~4,100 keys, one write per step) is transposed. Each step also writes
         # one key and value into every latent layer's cache, one float per cache line in the transposed layout:
@@ -277,15 +287,15 @@ class DecodeState:
         # step weights (four alternated rounds; BENCHMARKS.md "Decode per-token overhead"). The fused C step
         # reads rows faster than the transposed layout (batch 16: its cross-attention 216-236 vs 294-483 ms
         # per 30 steps), so where it will run, the cross-attention cache is rows too.
-        fused_likely = self.stepper is not self.model and like.dtype == torch.float32 and cpu_decode.available()
+        fused_likely = self.stepper is not self.model and dtype in (torch.float32, torch.bfloat16)
         rows = (self.batch, c.num_heads, self.cross_capacity, c.head_dim)
-        if fused_likely and like.device.type == "cpu":
-            self.cross_key, self.cross_value = like.new_empty(rows), like.new_empty(rows)
+        if fused_likely and cpu_decode.available() and like.device.type == "cpu":
+            self.cross_key, self.cross_value = like.new_empty(rows, dtype=dtype), like.new_empty(rows, dtype=dtype)
         else:
             self.cross_key, self.cross_value = transposed(self.cross_capacity), transposed(self.cross_capacity)
         latent_shape = (self.batch, c.num_heads, self.latent_capacity, c.head_dim)
-        self.latent_keys = [like.new_empty(latent_shape) for _ in self.model.layers]
-        self.latent_values = [like.new_empty(latent_shape) for _ in self.model.layers]
+        self.latent_keys = [like.new_empty(latent_shape, dtype=dtype) for _ in self.model.layers]
+        self.latent_values = [like.new_empty(latent_shape, dtype=dtype) for _ in self.model.layers]
         # With a stepper (anything but the exact reference path), every cached step is one C call where the
         # kernel is available: fp32 arithmetic, faster than any stepper's PyTorch ops (cpu_decode.py)
         fused = self.stepper is not self.model and cpu_decode.supports(self.model, self)
@@ -346,6 +356,8 @@ class DecodeState:
         rope = self.model.rope(positions)
         latents = self.model.embedding(self.tokens[:, window.end - n : window.end])  # (B, n, D)
         key, value = self.cross_key[:, :, : self.cross_length], self.cross_value[:, :, : self.cross_length]
+        if key.dtype != latents.dtype and not torch.is_autocast_enabled(latents.device.type):
+            key, value = key.to(latents.dtype), value.to(latents.dtype)  # bf16 caches (cache_dtype), fp32 refills
         hidden = self.model.cross_attention.attend(latents, key, value, rope)
         for index, layer in enumerate(self.model.layers):
             query, key, value = layer.query_key_value(hidden, rope)
@@ -413,6 +425,7 @@ def generate_stream(
     logits_processor: Callable[[Tensor], Tensor] | None = None,
     stepper: PerceiverAR | None = None,
     forced_tokens: Tensor | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> Iterator[Step]:
     """Yield one Step per new token; stop consuming to stop generating (e.g. at a duration in seconds).
 
@@ -420,6 +433,7 @@ def generate_stream(
     model's own. `stepper`: run cached steps on this `step_model(model, dtype)` (CPU speed; None = exact, the
     model itself; `step_weights_dtype` picks the dtype; build it once per model, it copies weights). `forced_tokens` (B, max_new_tokens): yield these
     instead of sampling (teacher forcing: scores a known continuation by the very path that samples).
+    `cache_dtype`: keep the key/value caches in this dtype where the fused C step reads them (DecodeState).
     """
     if prompt.dim() != 2:
         raise ValueError(f"prompt must be (batch, length), got shape {tuple(prompt.shape)}")
@@ -431,7 +445,7 @@ def generate_stream(
     total = prompt_length + max_new_tokens
     window = prompt_window(prompt_length, c.max_context, n, refill_latents)
     if use_cache:
-        state = DecodeState(model, batch, total, prompt.device, stepper, num_latents=n)
+        state = DecodeState(model, batch, total, prompt.device, stepper, num_latents=n, cache_dtype=cache_dtype)
         state.tokens[:, : window.start] = prompt[:, : window.start]
         state.length = state.cross_start = window.start  # inputs before the window are never attended to
         state.append_inputs(prompt[:, window.start :])

@@ -51,7 +51,8 @@ _SUFFIXES = {"music": ".mid", "image": ".png", "text": ".txt"}
 @dataclass
 class Loaded:
     """A checkpoint ready to sample from: fp32 weights on `device`, `dtype` the autocast compute dtype;
-    `exact`: fp32 was asked for, so cached CPU steps keep fp32 weights too (no bf16 step weights)."""
+    `exact`: fp32 was asked for, so cached CPU steps keep fp32 weights and caches too (no bf16 step weights,
+    no bf16 key/value caches)."""
 
     model: PerceiverAR
     codec: Codec
@@ -71,6 +72,13 @@ class Loaded:
         if (dtype, batch) not in self.steppers:
             self.steppers[dtype, batch] = step_model(self.model, dtype, batch)
         return self.steppers[dtype, batch]
+
+    @property
+    def cache_dtype(self) -> torch.dtype | None:
+        """bf16 key/value caches for CPU decoding unless fp32 was asked for: half the bytes the fused C step reads
+        from them, for ±0.0003 bits/token on the shipped checkpoints (BENCHMARKS.md "bf16 caches"). Only the C
+        step reads them: where it does not run, generate.DecodeState keeps the compute dtype."""
+        return None if self.exact or self.device.type != "cpu" else torch.bfloat16
 
     @property
     def name(self) -> str:
@@ -386,6 +394,7 @@ def _sample_rows(
                 num_latents=options.num_latents,
                 logits_processor=guard,
                 stepper=loaded.stepper(batch),
+                cache_dtype=loaded.cache_dtype,
             )
             with autocast(loaded.device, loaded.dtype):
                 for index, step in enumerate(stream):

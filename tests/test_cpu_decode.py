@@ -22,10 +22,10 @@ def random_model(seed: int, **overrides) -> PerceiverAR:
     return model
 
 
-def prefilled_state(model, batch, prompt_length, stepper):
+def prefilled_state(model, batch, prompt_length, stepper, cache_dtype=None):
     c = model.config
     prompt = torch.randint(0, c.vocab_size, (batch, prompt_length), generator=torch.Generator().manual_seed(1))
-    state = DecodeState(model, batch, prompt_length + 64, torch.device("cpu"), stepper)
+    state = DecodeState(model, batch, prompt_length + 64, torch.device("cpu"), stepper, cache_dtype=cache_dtype)
     window = prompt_window(prompt_length, c.max_context, c.num_latents, None)
     state.tokens[:, : window.start] = prompt[:, : window.start]
     state.length = state.cross_start = window.start
@@ -121,9 +121,12 @@ def test_the_state_picks_the_fused_step_only_where_it_applies():
         exact.step(next_window(window, 96, 24, None))
         assert exact.fused is False
         assert exact.cross_key.stride(-2) == 1 and not cpu_decode.supports(model, exact)  # transposed for bmm
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 caches: not for the fp32 kernel
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 refill's bf16 caches, as rows: the C step too
             bf16_state, _ = prefilled_state(model, 1, 50, step_model(model, torch.float32))
-        assert not cpu_decode.supports(model, bf16_state)
+        assert bf16_state.cross_key.dtype == torch.bfloat16 and isinstance(bf16_state.fused, cpu_decode.FusedStep)
+        # bf16 caches asked for where no C step runs (no stepper): the PyTorch steps' own dtype instead
+        exact_bf16, _ = prefilled_state(model, 1, 50, None, cache_dtype=torch.bfloat16)
+        assert exact_bf16.cross_key.dtype == torch.float32 and exact_bf16.fused is False
     assert not cpu_decode.supports(random_model(0, d_model=48, num_heads=2), state)  # head_dim 24
 
 
@@ -176,3 +179,40 @@ def test_fused_step_with_bf16_weights_is_the_model_with_bf16_rounded_weights(bat
         got = fused(state.tokens[:, position], position, state.cross_length, state.num_latents - 1)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         assert not cpu_decode.FusedStep(model, state, step_model(model, torch.float32, batch)).weights_bf16
+
+
+def round_to_bf16_(tensors):
+    for t in tensors:
+        t.copy_(t.bfloat16().float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_step_with_bf16_caches_is_fp32_arithmetic_on_bf16_rounded_caches(batch):
+    """bf16 caches (cache_dtype) are only widened as they are read, and the step's own keys and values are
+    rounded as they are written: the PyTorch step on fp32 caches holding the same rounded values agrees."""
+    model = random_model(batch, rotary_fraction=1.0)
+    c = model.config
+    stepper = step_model(model, torch.float32, batch)
+    with torch.no_grad():
+        reference, window = prefilled_state(model, batch, 50, stepper)
+        reference.fused = False
+        state, _ = prefilled_state(model, batch, 50, stepper, cache_dtype=torch.bfloat16)
+        assert isinstance(state.fused, cpu_decode.FusedStep) and state.cross_key.dtype == torch.bfloat16
+        caches = lambda s: [s.cross_key, s.cross_value, *s.latent_keys, *s.latent_values]  # noqa: E731
+        round_to_bf16_(caches(reference))
+        for _ in range(4):
+            window = next_window(window, c.max_context, c.num_latents, None)
+            new_tokens = torch.randint(0, c.vocab_size, (batch, 1))
+            reference.append_inputs(new_tokens)  # in PyTorch, fp32: rounded below like the C step's write
+            round_to_bf16_(caches(reference))
+            state.append_inputs(new_tokens)  # left to the C step, which writes it rounded
+            expected, got = reference.step(window), state.step(window)
+            # the one difference: the C step attends to its own new latent key/value as written (rounded), the
+            # reference to its unrounded ones (a relative change ~1e-3 in one of ~25 keys)
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=3e-4)
+            for ours, theirs in zip(caches(state), caches(reference), strict=True):
+                filled = state.cross_length if ours.shape[2] == state.cross_capacity else state.num_latents
+                # the same values up to one bf16 rounding step (fp32 sums in another order can round the other way)
+                torch.testing.assert_close(ours[:, :, :filled].float(), theirs[:, :, :filled], rtol=8e-3, atol=1e-3)
+            round_to_bf16_(caches(reference))

@@ -13,7 +13,8 @@ Then, for the bench config of core.py:
       to; and the rate with the refill included. With the model's own nn.Linear layers ("model"), with fp32
       StepLinears ("fp32") and the StepLinears `step_weights_dtype` picks ("auto"), all three in PyTorch ops,
       and with the one-call C step of cpu_decode.py that `perceiver generate` runs where it is available, on
-      fp32 weights ("fused") and on the weights `auto` picks ("fused_auto", where they differ). Each decode row
+      fp32 weights and caches ("fused") and as `auto` runs it ("fused_auto": the weights `auto` picks and bf16
+      caches, whose bytes the ceiling then counts at 2 per value). Each decode row
       also records the bandwidth measured right before and after it and its fraction of that ceiling; those
       measurements count toward the run's limit too.
 bf16 rows run only where bf16 matmuls are fast (`cpu_has_fast_bf16`) unless asked for: elsewhere a bf16 GEMM
@@ -64,24 +65,37 @@ def read_bandwidth(num_elements: int) -> float:
 
 
 def decode_cycle(
-    model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int = 4096, fused: bool = False
+    model: PerceiverAR,
+    batch: int,
+    step_dtype,
+    bandwidth: float,
+    prompt_length: int = 4096,
+    fused: bool = False,
+    cache_dtype: torch.dtype | None = None,
 ) -> dict:
     """Greedy decode after a prompt of `prompt_length` tokens, timed token by token over one refill cycle.
 
     fused: cached steps by cpu_decode's C step (as `perceiver generate` runs them where it is available);
-    otherwise by PyTorch ops, on the StepLinears of `step_dtype` (None: the model's own layers)."""
+    otherwise by PyTorch ops, on the StepLinears of `step_dtype` (None: the model's own layers). `cache_dtype`:
+    the key/value caches' dtype where the C step runs (generate.DecodeState)."""
     # DecodeState takes the C step whenever it is given a stepper and the kernel is available
     with contextlib.nullcontext() if fused else _without_fused_steps():
-        return _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length) | {"fused": fused}
+        # bf16 caches where the C step reads them (elsewhere DecodeState keeps fp32 ones)
+        cache_bytes = 2 if fused and cache_dtype == torch.bfloat16 else 4
+        result = _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length, cache_dtype, cache_bytes)
+        return result | {"fused": fused, "cache_dtype": "bfloat16" if cache_bytes == 2 else "float32"}
 
 
-def _timed_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int) -> dict:
+def _timed_cycle(
+    model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int, cache_dtype, element: int
+) -> dict:
     c = model.config
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
     prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
     stamps, windows = [], []
     stepper = None if step_dtype is None else step_model(model, step_dtype, batch)
-    stream = generate_stream(model, prompt, cycle + 2, SamplingOptions(temperature=0), stepper=stepper)
+    options = SamplingOptions(temperature=0)
+    stream = generate_stream(model, prompt, cycle + 2, options, stepper=stepper, cache_dtype=cache_dtype)
     for step in stream:  # token 1 is the prompt's prefill; the cycle's refill and cached steps follow
         stamps.append(time.perf_counter())
         windows.append(step.window)
@@ -90,7 +104,7 @@ def _timed_cycle(model: PerceiverAR, batch: int, step_dtype, bandwidth: float, p
     step_seconds = sorted(d for d, _ in steady)[len(steady) // 2]  # median cached step
     weight_bytes = _step_weight_bytes(model, step_dtype)
     # per row and step: the cross-attention keys+values of the window and each latent layer's keys+values
-    cache_bytes = [(w.end - w.start + c.num_layers * w.num_latents) * 2 * c.d_model * 4 for _, w in steady]
+    cache_bytes = [(w.end - w.start + c.num_layers * w.num_latents) * 2 * c.d_model * element for _, w in steady]
     step_bytes = weight_bytes + batch * sum(cache_bytes) / len(cache_bytes)
     ceiling = bandwidth / step_bytes * batch
     rate = batch / step_seconds
@@ -212,18 +226,24 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     for batch in (1, 16):
         auto = step_weights_dtype(device, batch, torch.float32)  # decoding on a CPU computes in fp32
         steps = [("model", None), ("fp32", torch.float32)] + ([("auto", auto)] if auto != torch.float32 else [])
-        if cpu_decode.available():  # the C step: fp32 weights (`--dtype fp32`), and those `auto` picks
-            steps += [("fused", torch.float32)] + ([("fused_auto", auto)] if auto != torch.float32 else [])
+        if cpu_decode.available():  # the C step: `--dtype fp32` (fp32 weights and caches), and `auto` (the
+            # weights step_weights_dtype picks, bf16 caches: runner.Loaded.cache_dtype)
+            steps += [("fused", torch.float32), ("fused_auto", auto)]
         for label, step_dtype in steps:
             # This VM's bandwidth moves within minutes (32-59 GB/s in one run): measure it right before and
             # after each row as well; the row's fraction of that "adjacent" ceiling says how close the code is to
             # the memory of its own minute, and every adjacent measurement also counts for the run's limit.
             before = streaming_bandwidth(parameters)
-            result = decode_cycle(model, batch, step_dtype, bandwidth, fused=label.startswith("fused"))
+            cache_dtype = torch.bfloat16 if label == "fused_auto" else None
+            result = decode_cycle(
+                model, batch, step_dtype, bandwidth, fused=label.startswith("fused"), cache_dtype=cache_dtype
+            )
             adjacent = max(before, streaming_bandwidth(parameters))
             highest_adjacent = max(highest_adjacent, adjacent)
             result["bandwidth_adjacent_gb_s"] = adjacent / 1e9
-            result["fraction_of_adjacent_ceiling"] = result["tokens_per_s"] * result["bytes_per_step"] / batch / adjacent
+            result["fraction_of_adjacent_ceiling"] = (
+                result["tokens_per_s"] * result["bytes_per_step"] / batch / adjacent
+            )
             results[f"decode_batch{batch}_{label}"] = result
             log(f"decode batch {batch} ({label}): {result}")
     end_bandwidth = streaming_bandwidth(parameters)

@@ -4,7 +4,8 @@
 (`generate.step_weights_dtype`). This measures, on held-out documents of a prepared data directory, both sides:
 the bits/token of a known continuation scored by the very path that samples (teacher-forced cached decoding:
 a prompt, then every later token fed in and scored from the step's logits), and the tokens/s of those steps,
-once with the model's own fp32 weights (exact) and once with the step weights.
+once with the model's own fp32 weights (exact), once with the step weights, and (where the fused C step runs)
+once more with bf16 key/value caches as well.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import cpu_decode
 from ..checkpoint import load_checkpoint
 from ..generate import SamplingOptions, generate_stream, step_model
 from ..train.prepare import PreparedData
 
 
 @torch.no_grad()
-def forced_decode(model, document: torch.Tensor, prompt_length: int, stepper) -> tuple[float, int, float]:
+def forced_decode(
+    model, document: torch.Tensor, prompt_length: int, stepper, cache_dtype: torch.dtype | None = None
+) -> tuple[float, int, float]:
     """(bits, tokens scored, seconds) for document[prompt_length:] given document[:prompt_length]."""
     prompt, continuation = document[None, :prompt_length], document[None, prompt_length:]
     bits, start = 0.0, time.perf_counter()
@@ -34,6 +38,7 @@ def forced_decode(model, document: torch.Tensor, prompt_length: int, stepper) ->
         SamplingOptions(temperature=0),
         stepper=stepper,
         forced_tokens=continuation,
+        cache_dtype=cache_dtype,
     )
     for index, step in enumerate(stream):
         bits += F.cross_entropy(step.logits, continuation[:, index]).item() / math.log(2)
@@ -64,10 +69,17 @@ def run(
     if not chosen:
         raise ValueError(f"{data}: no validation documents")
     rows = []
-    for label, stepper in (("fp32 (exact)", None), ("bf16 step weights", step_model(model, torch.bfloat16))):
+    bf16_weights = step_model(model, torch.bfloat16)
+    for label, stepper, cache_dtype in (
+        ("fp32 (exact)", None, None),
+        ("bf16 step weights", bf16_weights, None),
+        ("bf16 step weights, bf16 caches", bf16_weights, torch.bfloat16),
+    ):
+        if cache_dtype is not None and not cpu_decode.available():
+            continue  # only the fused C step reads bf16 caches
         bits = scored = seconds = 0.0
         for document, prompt_length in chosen:
-            b, n, s = forced_decode(model, document, prompt_length, stepper)
+            b, n, s = forced_decode(model, document, prompt_length, stepper, cache_dtype)
             bits, scored, seconds = bits + b, scored + n, seconds + s
         rows.append({"weights": label, "bits_per_token": bits / scored, "tokens_per_s": scored / seconds})
         log(f"{label}: {rows[-1]['bits_per_token']:.5f} bits/token, {rows[-1]['tokens_per_s']:.1f} tokens/s")
@@ -78,4 +90,6 @@ def run(
         "rows": rows,
         "bits_change": rows[1]["bits_per_token"] - rows[0]["bits_per_token"],
         "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
-    }
+    } | (
+        {"bits_change_bf16_caches": rows[2]["bits_per_token"] - rows[0]["bits_per_token"]} if len(rows) > 2 else {}
+    )

@@ -30,6 +30,11 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         fused = results.get(f"decode_batch{batch}_fused")
         assert (fused is not None) == efficiency.cpu_decode.available()
         assert fused is None or (fused["fused"] and fused["bytes_per_step"] == fp32["bytes_per_step"])
+        auto = results.get(f"decode_batch{batch}_fused_auto")  # as `auto` decodes: bf16 caches, counted as such
+        assert (auto is not None) == efficiency.cpu_decode.available()
+        assert auto is None or (
+            auto["cache_dtype"] == "bfloat16" and auto["bytes_per_step"] < fused["bytes_per_step"]
+        )
         # the bandwidth beside each row is one of the measurements the run's limit is the highest of
         assert 0 < fp32["bandwidth_adjacent_gb_s"] <= results["bandwidth_gb_s"]
         assert fp32["fraction_of_adjacent_ceiling"] >= fp32["fraction_of_ceiling"]

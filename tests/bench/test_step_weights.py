@@ -8,6 +8,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from perceiver_cli import cpu_decode
 from perceiver_cli.bench.efficiency import _step_weight_bytes, decode_cycle
 from perceiver_cli.bench.step_weights import forced_decode
 from perceiver_cli.cli import bench as bench_cli
@@ -89,8 +90,11 @@ def test_step_weights_command(tmp_path, music_checkpoint):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert [row["weights"] for row in summary["rows"]] == ["fp32 (exact)", "bf16 step weights"]
+    labels = ["fp32 (exact)", "bf16 step weights"]
+    labels += ["bf16 step weights, bf16 caches"] if cpu_decode.available() else []  # only the C step reads them
+    assert [row["weights"] for row in summary["rows"]] == labels
     assert abs(summary["bits_change"]) < 0.05 and summary["scored_tokens"] > 0
+    assert abs(summary.get("bits_change_bf16_caches", 0.0)) < 0.05
     missing = CliRunner().invoke(app, ["bench", "--step-weights", "-c", str(music_checkpoint)])
     assert missing.exit_code == 2 and "needs --checkpoint and --data" in missing.output
 
