@@ -304,11 +304,13 @@ def eval_command(
 @report_errors
 def report_command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="Checkpoint name or directory.")],
-    eval_sets: Annotated[list[str], typer.Option("--eval", help="NAME=PREPARED_DIR (its val split); repeatable.")],
-    train_data: Annotated[
-        Path, typer.Option("--train-data", help="Prepared dir whose train split fits the baselines.")
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json, report.md and the plots.")],
+    eval_sets: Annotated[
+        list[str] | None, typer.Option("--eval", help="NAME=PREPARED_DIR (its val split); repeatable.")
+    ] = None,
+    train_data: Annotated[
+        Path | None, typer.Option("--train-data", help="Prepared dir whose train split fits the baselines.")
+    ] = None,
     max_documents: Annotated[int, typer.Option(help="First N documents of each eval set (0 = all).")] = 16,
     max_document_tokens: Annotated[int, typer.Option(help="First N tokens of each document (0 = all).")] = 8192,
     latents: Annotated[
@@ -325,12 +327,28 @@ def report_command(
             help="Also score in bf16 autocast (default: only on CPUs with fast bf16, AVX512-BF16/AMX, or CUDA).",
         ),
     ] = None,
+    refresh_decode: Annotated[
+        bool,
+        typer.Option(
+            "--refresh-decode",
+            help="Only measure again the decode speeds of the report in --out (both paths), keeping its bits.",
+        ),
+    ] = False,
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Model-card numbers: held-out bits (fp32 and bf16) against baselines, and bits / speed vs --latents."""
-    from ..train.report import make_report, write_report
+    from ..train.report import make_report, refresh_decode_speeds, write_report
 
+    if refresh_decode:
+        if not (out / "report.json").is_file():
+            raise FileNotFoundError(f"{out / 'report.json'}: no report to refresh")
+        report = refresh_decode_speeds(json.loads((out / "report.json").read_text()), checkpoint)
+        write_report(report, out)
+        print((out / "report.md").read_text())
+        return
+    if not eval_sets or train_data is None:
+        raise UsageError("perceiver report needs --eval NAME=DIR and --train-data DIR (or --refresh-decode)")
     if (out / "report.json").exists() and not force:  # checked before the minutes of scoring, not after
         raise FileExistsError(f"{out / 'report.json'} exists (use --force to replace the report)")
 

@@ -2,7 +2,9 @@
 
 For a checkpoint and one or more prepared evaluation sets it measures: held-out bits in fp32 and bf16 (the
 quality cost of bf16), the classic baselines on exactly the same documents (baselines.py), and the eval-time
-compute trade-off of Perceiver AR: bits and cached decode tokens/s at several latent counts.
+compute trade-off of Perceiver AR: bits and cached decode tokens/s at several latent counts, the latter both on
+the exact fp32 path and as `perceiver generate` decodes on a CPU by default (`auto`: the step weights
+`step_weights_dtype` picks and bf16 key/value caches, through the fused C step where it is available).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..codecs.base import atomic_write
 from ..device import cpu_has_fast_bf16
-from ..generate import generate
+from ..generate import generate, step_model, step_weights_dtype
 from .baselines import baseline_table
 from .evaluate import evaluate_documents
 from .prepare import PreparedData
@@ -33,10 +35,14 @@ def _documents(data: PreparedData, max_documents: int | None, max_document_token
     return [d for d in documents if len(d) >= 2]
 
 
-def decode_speed(model, prompt: torch.Tensor, new_tokens: int, num_latents: int | None, dtype) -> float:
+def decode_speed(
+    model, prompt: torch.Tensor, new_tokens: int, num_latents: int | None, dtype, stepper=None, cache_dtype=None
+) -> float:
+    """Tokens/s of sampling `new_tokens` after `prompt` (prefill and refills included)."""
     from ..device import autocast
 
-    generate(model, prompt[:, :8], 4, temperature=0, num_latents=num_latents)  # warm-up
+    paths = dict(stepper=stepper, cache_dtype=cache_dtype)
+    generate(model, prompt[:, :8], 4, temperature=0, num_latents=num_latents, **paths)  # warm-up
     start = time.perf_counter()
     with autocast(torch.device("cpu"), dtype):
         generate(
@@ -46,8 +52,48 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int, num_latents: int 
             temperature=1.0,
             num_latents=num_latents,
             generator=torch.Generator().manual_seed(0),
+            **paths,
         )
     return new_tokens / (time.perf_counter() - start)
+
+
+def decode_speeds(model, prompt: torch.Tensor, new_tokens: int, latents: list[int]) -> list[dict]:
+    """Per latent count, cached decode tokens/s at batch 1 on the CPU: the exact fp32 path ("decode_tokens_per_s")
+    and `perceiver generate`'s default ("decode_tokens_per_s_generate": runner.Loaded.stepper and cache_dtype)."""
+    stepper = step_model(model, step_weights_dtype(torch.device("cpu"), 1, torch.float32), 1)
+    return [
+        {
+            "decode_tokens_per_s": decode_speed(model, prompt, new_tokens, n, torch.float32),
+            "decode_tokens_per_s_generate": decode_speed(
+                model, prompt, new_tokens, n, torch.float32, stepper=stepper, cache_dtype=torch.bfloat16
+            ),
+        }
+        for n in latents
+    ]
+
+
+def decode_prompt(model, documents: list[np.ndarray]) -> torch.Tensor:
+    """The decode prompt of a report: the longest document's first max_context / 2 tokens, (1, T)."""
+    source = max(documents, key=len)
+    return torch.as_tensor(source[: min(len(source), model.config.max_context // 2)])[None]
+
+
+def refresh_decode_speeds(report: dict, checkpoint: str | Path, new_tokens: int = 256) -> dict:
+    """The report with its latents rows' decode speeds measured again (both paths) on this machine, from the
+    same prompt; the bits stay as measured. For reports written before the generate column existed."""
+    model = load_checkpoint(checkpoint).model.eval()
+    first = next(iter(report["sets"].values()))
+    documents = _documents(
+        PreparedData(Path(first["directory"])), report["max_documents"], report["max_document_tokens"]
+    )
+    prompt = decode_prompt(model, documents)
+    rows = report["latents"]
+    for row, speeds in zip(
+        rows, decode_speeds(model, prompt, new_tokens, [r["latents"] for r in rows]), strict=True
+    ):
+        row.update(speeds, prompt_tokens=prompt.shape[1])
+    report["decode_refreshed"] = time.strftime("%Y-%m-%d")
+    return report
 
 
 def make_report(
@@ -108,22 +154,23 @@ def make_report(
     documents = _documents(PreparedData(first), max_documents, max_document_tokens)
     n_default = model.config.num_latents
     sweep = sorted({n for n in (latents or [64, 128, 256, n_default]) if n <= model.config.max_context})
-    prompt_source = max(documents, key=len)
-    prompt = torch.as_tensor(prompt_source[: min(len(prompt_source), model.config.max_context // 2)])[None]
+    prompt = decode_prompt(model, documents)
     report["latents"] = []
-    for n in sweep:
+    for n, speeds in zip(sweep, decode_speeds(model, prompt, decode_tokens, sweep), strict=True):
         bits = evaluate_documents(model, codec, documents[: max(1, len(documents) // 2)], num_latents=n).summary()
-        rate = decode_speed(model, prompt, decode_tokens, n, torch.float32)
         report["latents"].append(
             {
                 "latents": n,
                 f"bits_per_{unit}": bits[f"bits_per_{unit}"],
                 "bits_per_token": bits["bits_per_token"],
-                "decode_tokens_per_s": rate,
+                **speeds,
                 "prompt_tokens": prompt.shape[1],
             }
         )
-        log(f"  latents {n}: bits/{unit} {bits[f'bits_per_{unit}']:.4f}, decode {rate:.1f} tok/s")
+        log(
+            f"  latents {n}: bits/{unit} {bits[f'bits_per_{unit}']:.4f}, decode {speeds['decode_tokens_per_s']:.1f} "
+            f"tok/s exact, {speeds['decode_tokens_per_s_generate']:.1f} as generate runs it"
+        )
     if contexts:
         report["contexts"] = context_effect(model, codec, documents, contexts, log)
     return report
@@ -172,11 +219,17 @@ def write_report(report: dict, out_dir: Path) -> None:
         title="quality vs eval-time compute",
         logx=True,
     )
+    speeds = {"exact fp32 path": ([r["latents"] for r in rows], [r["decode_tokens_per_s"] for r in rows])}
+    if all("decode_tokens_per_s_generate" in r for r in rows):
+        speeds["perceiver generate (auto)"] = (
+            [r["latents"] for r in rows],
+            [r["decode_tokens_per_s_generate"] for r in rows],
+        )
     plot_xy(
-        {"decode": ([r["latents"] for r in rows], [r["decode_tokens_per_s"] for r in rows])},
+        speeds,
         out_dir / "latents_speed.png",
         xlabel="latents N at inference",
-        ylabel="cached decode tokens/s (fp32)",
+        ylabel="cached decode tokens/s (batch 1)",
         title="speed vs eval-time compute",
         logx=True,
     )
@@ -223,13 +276,23 @@ def report_markdown(report: dict) -> str:
         f"Eval-time compute (first set, its first {max(1, first['documents'] // 2)} documents; decode after a "
         f"{report['latents'][0]['prompt_tokens']:,}-token prompt):",
         "",
-        f"| latents N | bits/{unit} | cached decode tokens/s (fp32, batch 1) |",
-        "|---:|---:|---:|",
     ]
-    lines += [
-        f"| {r['latents']} | {r[f'bits_per_{unit}']:.3f} | {r['decode_tokens_per_s']:.1f} |"
-        for r in report["latents"]
-    ]
+    if all("decode_tokens_per_s_generate" in r for r in report["latents"]):
+        lines += [
+            f"| latents N | bits/{unit} | decode tokens/s, `perceiver generate` (auto, batch 1) | exact fp32 path |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['latents']} | {r[f'bits_per_{unit}']:.3f} | {r['decode_tokens_per_s_generate']:.1f} | "
+            f"{r['decode_tokens_per_s']:.1f} |"
+            for r in report["latents"]
+        ]
+    else:  # a report from before the generate column
+        lines += [f"| latents N | bits/{unit} | cached decode tokens/s (fp32, batch 1) |", "|---:|---:|---:|"]
+        lines += [
+            f"| {r['latents']} | {r[f'bits_per_{unit}']:.3f} | {r['decode_tokens_per_s']:.1f} |"
+            for r in report["latents"]
+        ]
     if report.get("contexts"):
         rows = report["contexts"]
         lines += [

@@ -141,6 +141,26 @@ def test_prepare_train_eval_report_export(app, midi_dir, tmp_path):
     forced = json.loads((report_dir / "report.json").read_text())
     assert [row["latents"] for row in forced["latents"]] == [4]
     assert forced["sets"]["val"]["documents"] == val_files
+    # decode speeds on both paths: the exact one and `perceiver generate`'s (stepper, bf16 caches)
+    assert all(
+        row["decode_tokens_per_s"] > 0 and row["decode_tokens_per_s_generate"] > 0 for row in forced["latents"]
+    )
+    assert "perceiver generate" in (report_dir / "report.md").read_text()
+    # --refresh-decode measures only the speeds again, keeping the bits; it needs an existing report
+    for row in forced["latents"]:
+        del row["decode_tokens_per_s_generate"]  # as a report from before the generate column
+    (report_dir / "report.json").write_text(json.dumps(forced))
+    result = runner.invoke(app, ["report", "-c", str(run / "best"), "--out", str(report_dir), "--refresh-decode"])
+    assert result.exit_code == 0, result.output
+    refreshed = json.loads((report_dir / "report.json").read_text())
+    assert refreshed["latents"][0]["decode_tokens_per_s_generate"] > 0
+    assert refreshed["latents"][0]["bits_per_event"] == forced["latents"][0]["bits_per_event"]
+    missing = runner.invoke(
+        app, ["report", "-c", str(run / "best"), "--out", str(tmp_path / "none"), "--refresh-decode"]
+    )
+    assert missing.exit_code != 0 and "no report to refresh" in missing.output
+    usage = runner.invoke(app, ["report", "-c", str(run / "best"), "--out", str(tmp_path / "none")])
+    assert usage.exit_code != 0 and "--train-data" in usage.output
 
     shipped = tmp_path / "shipped" / "mine-v1"
     result = runner.invoke(
