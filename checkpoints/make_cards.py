@@ -106,9 +106,8 @@ CARDS = {
             "grew with training: on positions beyond 4,096 of long validation books, 4,096 tokens of context give "
             "0.8% fewer bits than 256 (0.5% at step 700). The evaluation above ran on the AMD Zen 3 machine, which "
             "has no bf16 support, so the bf16 row is not measured (for the phase-1 weights bf16 autocast changed the "
-            "held-out bits by less than 0.001 bits/byte); its decode speeds for 64 and 128 latents were measured "
-            "while a copy-task benchmark held the other core, so they are low. The latents sweep is on the first 8 "
-            "books only, hence its lower numbers than the 16-book table."
+            "held-out bits by less than 0.001 bits/byte). The latents sweep is on the first 8 books only, hence its "
+            "lower numbers than the 16-book table."
         ),
         "prepare": "perceiver prepare text --input ../shared/data/text --out data/text --tokenizer-vocab 8000",
         "report": "perceiver report -c text-v1 --eval books-validation=data/text --train-data data/text "
@@ -358,6 +357,16 @@ def card(name: str) -> str:
         "",
         report_md,
         "",
+    ]
+    if report.get("decode_refreshed"):
+        lines += [
+            f"The decode speeds were measured again on {report['decode_refreshed']}, on both paths side by side "
+            f"(`perceiver report -c {name} --out checkpoints/{name}/report --refresh-decode`; the bits are the "
+            "report's): `perceiver generate` decodes through the fused C step with bf16 step weights and bf16 "
+            "caches where the CPU has AVX-512, the exact path is the model's own PyTorch layers in fp32.",
+            "",
+        ]
+    lines += [
         "![quality vs latents](report/latents_bits.png) ![speed vs latents](report/latents_speed.png)",
         "",
     ]
