@@ -66,17 +66,13 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def supports(model: nn.Module, state) -> bool:
-    """fp32 CPU weights, caches stored as rows (without the kernel the cross-attention cache is transposed) and all
-    fp32 or all bf16, sizes the kernel takes (multiples of 16), one LayerNorm eps, and the kernel built."""
+def supports_model(model: nn.Module) -> bool:
+    """The model's part of `supports`: fp32 CPU weights, sizes the kernel takes (multiples of 16), one LayerNorm
+    eps, and the kernel built."""
     c = model.config
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
-    caches = [state.cross_key, state.cross_value, *state.latent_keys, *state.latent_values]
     return (
         all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
-        and all(t is not None and t.stride(-1) == 1 for t in caches)
-        and len({t.dtype for t in caches}) == 1
-        and caches[0].dtype in (torch.float32, torch.bfloat16)
         and c.d_model % 16 == 0
         and c.head_dim % 16 == 0
         and c.head_dim <= 128
@@ -84,6 +80,18 @@ def supports(model: nn.Module, state) -> bool:
         and len({m.eps for m in norms}) == 1
         and all(m.elementwise_affine and m.bias is not None for m in norms)
         and available()
+    )
+
+
+def supports(model: nn.Module, state) -> bool:
+    """`supports_model`, and caches stored as rows (without the kernel the cross-attention cache is transposed),
+    all fp32 or all bf16."""
+    caches = [state.cross_key, state.cross_value, *state.latent_keys, *state.latent_values]
+    return (
+        all(t is not None and t.stride(-1) == 1 for t in caches)
+        and len({t.dtype for t in caches}) == 1
+        and caches[0].dtype in (torch.float32, torch.bfloat16)
+        and supports_model(model)
     )
 
 

@@ -32,7 +32,7 @@ from .checkpoint import resolve_checkpoint as _resolve_checkpoint
 from .codecs import Codec, CodecError
 from .codecs.music import PerformanceGuard, cut_midi, duration_seconds, load_midi
 from .codecs.text import read_text
-from .device import autocast, decode_threads, resolve_device, resolve_dtype
+from .device import autocast, cpu_has_fast_bf16, decode_threads, resolve_device, resolve_dtype
 from .generate import SamplingOptions, generate_stream, step_model, step_weights_dtype
 from .model import PerceiverAR
 
@@ -79,6 +79,13 @@ class Loaded:
         from them, for ±0.0003 bits/token on the shipped checkpoints (BENCHMARKS.md "bf16 caches"). Only the C
         step reads them: where it does not run, generate.DecodeState keeps the compute dtype."""
         return None if self.exact or self.device.type != "cpu" else torch.bfloat16
+
+    @property
+    def refill_dtype(self) -> torch.dtype | None:
+        """bf16 autocast for the prompt's prefill and the refills of CPU decoding where bf16 matmuls are fast
+        (AVX512-BF16/AMX) and fp32 was not asked for; the cached steps stay the C step's (DecodeState)."""
+        fast = not self.exact and self.device.type == "cpu" and cpu_has_fast_bf16()
+        return torch.bfloat16 if fast else None
 
     @property
     def name(self) -> str:
@@ -395,6 +402,7 @@ def _sample_rows(
                 logits_processor=guard,
                 stepper=loaded.stepper(batch),
                 cache_dtype=loaded.cache_dtype,
+                refill_dtype=loaded.refill_dtype,
             )
             with autocast(loaded.device, loaded.dtype):
                 for index, step in enumerate(stream):

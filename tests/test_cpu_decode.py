@@ -216,3 +216,24 @@ def test_fused_step_with_bf16_caches_is_fp32_arithmetic_on_bf16_rounded_caches(b
                 # the same values up to one bf16 rounding step (fp32 sums in another order can round the other way)
                 torch.testing.assert_close(ours[:, :, :filled].float(), theirs[:, :, :filled], rtol=8e-3, atol=1e-3)
             round_to_bf16_(caches(reference))
+
+
+@needs_kernel
+def test_bf16_refills_run_only_where_the_c_step_runs():
+    """refill_dtype: the prompt's prefill and the refills under bf16 autocast (fp32 logits out, bf16 caches in),
+    close to fp32 refills; with no stepper (the exact path, PyTorch steps) it is ignored."""
+    model = random_model(5)
+    prompt = torch.randint(0, 51, (2, 40), generator=torch.Generator().manual_seed(6))
+    options = SamplingOptions(temperature=0)
+    stepper, bf16 = step_model(model, torch.float32, 2), torch.bfloat16
+    fp32_refills = list(generate_stream(model, prompt, 60, options, stepper=stepper, cache_dtype=bf16))
+    bf16_refills = list(
+        generate_stream(model, prompt, 60, options, stepper=stepper, cache_dtype=bf16, refill_dtype=bf16)
+    )
+    assert sum(step.window.refill for step in bf16_refills) >= 3
+    for a, b in zip(fp32_refills, bf16_refills, strict=True):
+        assert b.logits.dtype == torch.float32
+        torch.testing.assert_close(b.logits, a.logits, atol=0.1, rtol=0.05)  # bf16 activations in the refills
+    exact = DecodeState(model, 2, 100, torch.device("cpu"), None, refill_dtype=bf16)
+    assert exact.refill_dtype is None
+    assert DecodeState(model, 2, 100, torch.device("cpu"), stepper, refill_dtype=bf16).refill_dtype == bf16

@@ -72,22 +72,25 @@ def decode_cycle(
     prompt_length: int = 4096,
     fused: bool = False,
     cache_dtype: torch.dtype | None = None,
+    refill_dtype: torch.dtype | None = None,
 ) -> dict:
     """Greedy decode after a prompt of `prompt_length` tokens, timed token by token over one refill cycle.
 
     fused: cached steps by cpu_decode's C step (as `perceiver generate` runs them where it is available);
     otherwise by PyTorch ops, on the StepLinears of `step_dtype` (None: the model's own layers). `cache_dtype`:
-    the key/value caches' dtype where the C step runs (generate.DecodeState)."""
+    the key/value caches' dtype where the C step runs, `refill_dtype` its refills' autocast (generate.DecodeState)."""
     # DecodeState takes the C step whenever it is given a stepper and the kernel is available
     with contextlib.nullcontext() if fused else _without_fused_steps():
         # bf16 caches where the C step reads them (elsewhere DecodeState keeps fp32 ones)
         cache_bytes = 2 if fused and cache_dtype == torch.bfloat16 else 4
-        result = _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length, cache_dtype, cache_bytes)
+        result = _timed_cycle(
+            model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, cache_dtype, refill_dtype
+        )
         return result | {"fused": fused, "cache_dtype": "bfloat16" if cache_bytes == 2 else "float32"}
 
 
 def _timed_cycle(
-    model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int, cache_dtype, element: int
+    model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int, element: int, *dtypes
 ) -> dict:
     c = model.config
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
@@ -95,7 +98,10 @@ def _timed_cycle(
     stamps, windows = [], []
     stepper = None if step_dtype is None else step_model(model, step_dtype, batch)
     options = SamplingOptions(temperature=0)
-    stream = generate_stream(model, prompt, cycle + 2, options, stepper=stepper, cache_dtype=cache_dtype)
+    cache_dtype, refill_dtype = dtypes
+    stream = generate_stream(
+        model, prompt, cycle + 2, options, stepper=stepper, cache_dtype=cache_dtype, refill_dtype=refill_dtype
+    )
     for step in stream:  # token 1 is the prompt's prefill; the cycle's refill and cached steps follow
         stamps.append(time.perf_counter())
         windows.append(step.window)
@@ -122,12 +128,12 @@ def _timed_cycle(
 
 @contextlib.contextmanager
 def _without_fused_steps():
-    supports = cpu_decode.supports
-    cpu_decode.supports = lambda *args: False
+    supports, supports_model = cpu_decode.supports, cpu_decode.supports_model
+    cpu_decode.supports = cpu_decode.supports_model = lambda *args: False
     try:
         yield
     finally:
-        cpu_decode.supports = supports
+        cpu_decode.supports, cpu_decode.supports_model = supports, supports_model
 
 
 def _step_weight_bytes(model: PerceiverAR, step_dtype) -> float:
@@ -235,8 +241,15 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             # the memory of its own minute, and every adjacent measurement also counts for the run's limit.
             before = streaming_bandwidth(parameters)
             cache_dtype = torch.bfloat16 if label == "fused_auto" else None
+            refill_dtype = torch.bfloat16 if label == "fused_auto" and with_bf16 else None  # Loaded.refill_dtype
             result = decode_cycle(
-                model, batch, step_dtype, bandwidth, fused=label.startswith("fused"), cache_dtype=cache_dtype
+                model,
+                batch,
+                step_dtype,
+                bandwidth,
+                fused=label.startswith("fused"),
+                cache_dtype=cache_dtype,
+                refill_dtype=refill_dtype,
             )
             adjacent = max(before, streaming_bandwidth(parameters))
             highest_adjacent = max(highest_adjacent, adjacent)

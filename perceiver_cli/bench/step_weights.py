@@ -5,7 +5,8 @@
 the bits/token of a known continuation scored by the very path that samples (teacher-forced cached decoding:
 a prompt, then every later token fed in and scored from the step's logits), and the tokens/s of those steps,
 once with the model's own fp32 weights (exact), once with the step weights, and (where the fused C step runs)
-once more with bf16 key/value caches as well.
+with bf16 key/value caches as well, and with the prefill and refills in bf16 autocast too (as `auto` decodes
+where bf16 is fast).
 """
 
 from __future__ import annotations
@@ -20,13 +21,19 @@ import torch.nn.functional as F
 
 from .. import cpu_decode
 from ..checkpoint import load_checkpoint
+from ..device import cpu_has_fast_bf16
 from ..generate import SamplingOptions, generate_stream, step_model
 from ..train.prepare import PreparedData
 
 
 @torch.no_grad()
 def forced_decode(
-    model, document: torch.Tensor, prompt_length: int, stepper, cache_dtype: torch.dtype | None = None
+    model,
+    document: torch.Tensor,
+    prompt_length: int,
+    stepper,
+    cache_dtype: torch.dtype | None = None,
+    refill_dtype: torch.dtype | None = None,
 ) -> tuple[float, int, float]:
     """(bits, tokens scored, seconds) for document[prompt_length:] given document[:prompt_length]."""
     prompt, continuation = document[None, :prompt_length], document[None, prompt_length:]
@@ -39,6 +46,7 @@ def forced_decode(
         stepper=stepper,
         forced_tokens=continuation,
         cache_dtype=cache_dtype,
+        refill_dtype=refill_dtype,
     )
     for index, step in enumerate(stream):
         bits += F.cross_entropy(step.logits, continuation[:, index]).item() / math.log(2)
@@ -70,26 +78,40 @@ def run(
         raise ValueError(f"{data}: no validation documents")
     rows = []
     bf16_weights = step_model(model, torch.bfloat16)
-    for label, stepper, cache_dtype in (
-        ("fp32 (exact)", None, None),
-        ("bf16 step weights", bf16_weights, None),
-        ("bf16 step weights, bf16 caches", bf16_weights, torch.bfloat16),
+    bf16 = torch.bfloat16
+    for label, stepper, cache_dtype, refill_dtype in (
+        ("fp32 (exact)", None, None, None),
+        ("bf16 step weights", bf16_weights, None, None),
+        ("bf16 step weights, bf16 caches", bf16_weights, bf16, None),
+        ("bf16 step weights, bf16 caches, bf16 refills", bf16_weights, bf16, bf16),
     ):
         if cache_dtype is not None and not cpu_decode.available():
             continue  # only the fused C step reads bf16 caches
+        if refill_dtype is not None and not cpu_has_fast_bf16():
+            continue  # bf16 refills only where bf16 matmuls are fast (runner.Loaded.refill_dtype)
         bits = scored = seconds = 0.0
         for document, prompt_length in chosen:
-            b, n, s = forced_decode(model, document, prompt_length, stepper, cache_dtype)
+            b, n, s = forced_decode(model, document, prompt_length, stepper, cache_dtype, refill_dtype)
             bits, scored, seconds = bits + b, scored + n, seconds + s
         rows.append({"weights": label, "bits_per_token": bits / scored, "tokens_per_s": scored / seconds})
         log(f"{label}: {rows[-1]['bits_per_token']:.5f} bits/token, {rows[-1]['tokens_per_s']:.1f} tokens/s")
-    return {
-        "checkpoint": checkpoint,
-        "documents": len(chosen),
-        "scored_tokens": int(scored),
-        "rows": rows,
-        "bits_change": rows[1]["bits_per_token"] - rows[0]["bits_per_token"],
-        "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
-    } | (
-        {"bits_change_bf16_caches": rows[2]["bits_per_token"] - rows[0]["bits_per_token"]} if len(rows) > 2 else {}
+    return (
+        {
+            "checkpoint": checkpoint,
+            "documents": len(chosen),
+            "scored_tokens": int(scored),
+            "rows": rows,
+            "bits_change": rows[1]["bits_per_token"] - rows[0]["bits_per_token"],
+            "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+        }
+        | (
+            {"bits_change_bf16_caches": rows[2]["bits_per_token"] - rows[0]["bits_per_token"]}
+            if len(rows) > 2
+            else {}
+        )
+        | (
+            {"bits_change_bf16_refills": rows[3]["bits_per_token"] - rows[0]["bits_per_token"]}
+            if len(rows) > 3
+            else {}
+        )
     )

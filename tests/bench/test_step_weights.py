@@ -12,6 +12,7 @@ from perceiver_cli import cpu_decode
 from perceiver_cli.bench.efficiency import _step_weight_bytes, decode_cycle
 from perceiver_cli.bench.step_weights import forced_decode
 from perceiver_cli.cli import bench as bench_cli
+from perceiver_cli.device import cpu_has_fast_bf16
 from perceiver_cli.model import PerceiverAR, PerceiverARConfig
 from perceiver_cli.train.prepare import PrepareOptions, prepare
 
@@ -92,9 +93,12 @@ def test_step_weights_command(tmp_path, music_checkpoint):
     summary = json.loads(result.stdout)
     labels = ["fp32 (exact)", "bf16 step weights"]
     labels += ["bf16 step weights, bf16 caches"] if cpu_decode.available() else []  # only the C step reads them
+    if cpu_decode.available() and cpu_has_fast_bf16():  # and bf16 refills where bf16 matmuls are fast
+        labels += ["bf16 step weights, bf16 caches, bf16 refills"]
     assert [row["weights"] for row in summary["rows"]] == labels
     assert abs(summary["bits_change"]) < 0.05 and summary["scored_tokens"] > 0
     assert abs(summary.get("bits_change_bf16_caches", 0.0)) < 0.05
+    assert abs(summary.get("bits_change_bf16_refills", 0.0)) < 0.05
     missing = CliRunner().invoke(app, ["bench", "--step-weights", "-c", str(music_checkpoint)])
     assert missing.exit_code == 2 and "needs --checkpoint and --data" in missing.output
 
