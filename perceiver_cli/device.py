@@ -60,7 +60,8 @@ def resolve_dtype(name: str, device: torch.device, purpose: str = "train") -> to
 
     purpose="decode": token-by-token generation on a CPU is matrix-vector work, where autocast re-casts every
     fp32 weight to bf16 on each call; measured here (Xeon with AMX, music-v1, batch 1) that ran at 2.5 tokens/s
-    against 37 in fp32, so `auto` decodes in fp32 on CPUs and keeps bf16 for the matmul-bound work.
+    against 37 in fp32, so `auto` decodes in fp32 on CPUs and keeps bf16 for the matmul-bound work (where the
+    fused C step runs, generate.DecodeState's refill_dtype puts the prefill and refills back in bf16).
     """
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
