@@ -231,12 +231,12 @@ INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *pr
     const long offset = (long)job->num_keys - job->n; /* query i sees keys <= i + offset when causal */
     const long key_end = job->causal ? first + count + offset : job->num_keys;
     const long q_at = b * job->q_strides[0] + h * job->q_strides[1] + (long)first * job->q_strides[2];
-    const bf16 *q = job->q + q_at;
-    const float *q32 = job->q32 + q_at;
-    const uint32_t *kp = job->k_packed + (long)bh * job->key_blocks * KEY_BLOCK * (D / 2);
-    const uint32_t *vp = job->v_packed + (long)bh * job->key_blocks * KEY_BLOCK * (D / 2);
-    const float *kp32 = job->k_packed32 + (long)bh * job->key_blocks * KEY_BLOCK * D;
-    const float *vp32 = job->v_packed32 + (long)bh * job->key_blocks * KEY_BLOCK * D;
+    /* the other precision's pointers are NULL in the job: no arithmetic on them */
+    const long bf16_head = (long)bh * job->key_blocks * KEY_BLOCK * (D / 2), f32_head = 2 * bf16_head;
+    const bf16 *q = f32 ? NULL : job->q + q_at;
+    const float *q32 = f32 ? job->q32 + q_at : NULL;
+    const uint32_t *kp = f32 ? NULL : job->k_packed + bf16_head, *vp = f32 ? NULL : job->v_packed + bf16_head;
+    const float *kp32 = f32 ? job->k_packed32 + f32_head : NULL, *vp32 = f32 ? job->v_packed32 + f32_head : NULL;
     const __m512 scale = _mm512_set1_ps(job->scale_log2);
     for (int i = 0; i < count; i++) row_max[i] = -INFINITY, row_sum[i] = 0.0f;
     memset(acc, 0, sizeof(float) * count * D);
@@ -246,8 +246,8 @@ INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *pr
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
             const long q_row = job->q_strides[2];
             float *sr = scores + r * KEY_BLOCK;
-            const uint32_t *kb = kp + block * KEY_BLOCK * (D / 2);
-            const float *kb32 = kp32 + block * KEY_BLOCK * D;
+            const uint32_t *kb = f32 ? NULL : kp + block * KEY_BLOCK * (D / 2);
+            const float *kb32 = f32 ? kp32 + block * KEY_BLOCK * D : NULL;
             /* constant row counts let the compiler keep the accumulators in registers */
 #define SCORE_TILE(R)                                                                                                \
     if (f32) score_tile_f32(R, D, q32 + r * q_row, q_row, kb32, sr, scale);                                           \
@@ -296,8 +296,8 @@ INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *pr
                 for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + d), c));
             }
         }
-        const uint32_t *vb = vp + block * KEY_BLOCK * (D / 2);
-        const float *vb32 = vp32 + block * KEY_BLOCK * D;
+        const uint32_t *vb = f32 ? NULL : vp + block * KEY_BLOCK * (D / 2);
+        const float *vb32 = f32 ? vp32 + block * KEY_BLOCK * D : NULL;
         for (int r = 0; r < count; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
             float *ar = acc + r * D;
