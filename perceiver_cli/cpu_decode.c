@@ -40,6 +40,9 @@ typedef struct {
     int batch, d_model, heads, head_dim, rotary_half, hidden, vocab, layers;
     int weights_bf16; /* the products' weights (not the embedding, norms or caches) are bf16: half the bytes */
     int caches_bf16;  /* the key/value caches are bf16: half the bytes a step reads from them (most, at batch 16) */
+    int products_bf16; /* with bf16 weights: round each product's input rows to bf16 and multiply by vdpbf16ps
+                          (AVX512-BF16; twice the multiply-adds per instruction, for batches that make the
+                          products compute-bound) */
     float eps;
     const float *embedding, *final_weight, *final_bias;
     const void *head;
@@ -56,6 +59,7 @@ typedef struct {
     float *logits;                                            /* (B, V) */
     float *hidden, *query, *key_value, *mixed, *up; /* shared, per row: D, D, 2D, D, F */
     long scores_length;
+    uint16_t *rows_bf16[MAX_THREADS]; /* each thread's bf16 copy of a product's input rows (products_bf16) */
 } Step;
 
 static void barrier(Step *s) {
@@ -121,13 +125,62 @@ INLINE void dot_rows(int R, int bf16, const void *w, long w_stride, int in, cons
         }
 }
 
+#define BF16_TARGET __attribute__((target("avx512bf16")))
+
+/* dot_rows on bf16 pairs: four bf16 weight rows against `R` input rows already rounded to bf16, 32 products a
+   vdpbf16ps; fp32 sums */
+BF16_TARGET INLINE void dot_pairs(int R, const uint16_t *w, long w_stride, int in, const uint16_t *x, long x_stride,
+                                  float *y, long y_stride, int accumulate) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int i = 0; i < in; i += 32) {
+        for (int j = 4; j < 8; j++) _mm_prefetch((const char *)(w + j * w_stride + i), _MM_HINT_T1);
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + w_stride + i);
+        __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 2 * w_stride + i);
+        __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 3 * w_stride + i);
+        for (int r = 0; r < R; r++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * x_stride + i);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xv);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) {
+            float sum = _mm512_reduce_add_ps(acc[r][j]);
+            y[r * y_stride + j] = accumulate ? y[r * y_stride + j] + sum : sum;
+        }
+}
+
+BF16_TARGET static void dot_pairs_rows(int R, const uint16_t *w, long w_stride, int in, const uint16_t *x,
+                                       long x_stride, float *y, long y_stride, int accumulate) {
+    switch (R) { /* constants keep the accumulators in registers */
+    case 4: dot_pairs(4, w, w_stride, in, x, x_stride, y, y_stride, accumulate); break;
+    case 3: dot_pairs(3, w, w_stride, in, x, x_stride, y, y_stride, accumulate); break;
+    case 2: dot_pairs(2, w, w_stride, in, x, x_stride, y, y_stride, accumulate); break;
+    default: dot_pairs(1, w, w_stride, in, x, x_stride, y, y_stride, accumulate); break;
+    }
+}
+
+/* rows x (rows, in; stride x_stride) rounded to nearest even bf16 into `out` (rows, in) */
+BF16_TARGET static void rows_to_bf16(const float *x, long x_stride, int rows, int in, uint16_t *out) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < in; i += 16)
+            _mm256_storeu_si256((__m256i *)(out + (long)r * in + i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * x_stride + i)));
+}
+
 /* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of W (out, in); with
    `gelu`, y[b][lo:hi] = GELU(W[lo:hi] x[b]) (the MLP's up-projection, so that no barrier separates the two) */
 static void product(const Step *s, int id, const void *W, int out, int in, const float *x, long x_stride, float *y,
                     long y_stride, int accumulate, int gelu) {
-    const int bf16 = s->m->weights_bf16;
+    const int bf16 = s->m->weights_bf16, pairs = s->m->products_bf16;
     const int quads = (out + 3) / 4, lo = 4 * (int)((long)quads * id / s->threads);
     const int hi = 4 * (int)((long)quads * (id + 1) / s->threads);
+    uint16_t *x16 = s->rows_bf16[id];
+    if (pairs) rows_to_bf16(x, x_stride, s->m->batch, in, x16); /* each thread its own copy: no barrier */
     for (int o = lo; o < hi && o < out; o += 4) {
         const int count = out - o < 4 ? out - o : 4; /* a last, partial group: one row at a time, repeated */
         for (int j = 0; j < (count == 4 ? 1 : count); j++) {
@@ -140,7 +193,9 @@ static void product(const Step *s, int id, const void *W, int out, int in, const
                 float *target = count == 4 ? y + b * y_stride + o : spare;
                 const long stride = count == 4 ? y_stride : 4;
                 const int add = count == 4 && accumulate;
-                switch (rows + 4 * bf16) { /* constants keep the accumulators in registers */
+                if (pairs)
+                    dot_pairs_rows(rows, w, w_stride, in, x16 + (long)b * in, in, target, stride, add);
+                else switch (rows + 4 * bf16) { /* constants keep the accumulators in registers */
                 case 4: dot_rows(4, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
                 case 3: dot_rows(3, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
                 case 2: dot_rows(2, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
@@ -292,6 +347,7 @@ static void run_step(Step *s, int id) {
     const int D = m->d_model;
     float *scores = aligned_alloc(64, sizeof(float) * s->scores_length);
     float *normed = aligned_alloc(64, sizeof(float) * m->batch * D);
+    s->rows_bf16[id] = m->products_bf16 ? aligned_alloc(64, sizeof(uint16_t) * m->batch * (m->hidden > D ? m->hidden : D)) : NULL;
     for (int b = id; b < m->batch; b += s->threads)
         memcpy(s->hidden + (long)b * D, m->embedding + s->tokens[b] * D, sizeof(float) * D);
     barrier(s);
@@ -311,7 +367,7 @@ static void run_step(Step *s, int id) {
     }
     layer_norm(s, s->hidden, m->final_weight, m->final_bias, normed);
     product(s, id, m->head, m->vocab, D, normed, D, s->logits, m->vocab, 0, 0);
-    free(scores), free(normed);
+    free(scores), free(normed), free(s->rows_bf16[id]);
 }
 
 /* Bytes of the workspace f32_decode_step needs. */
@@ -323,6 +379,7 @@ long f32_decode_workspace(const Model *m) {
 int f32_decode_step(const Model *m, const long *tokens, const float *cos, const float *sin, int cross_length,
                     int num_latents, int append, int threads, float *logits, float *workspace) {
     if (m->d_model % 16 || m->hidden % 16 || m->head_dim % 16 || m->head_dim > 128 || cross_length < 1) return 1;
+    if (m->products_bf16 && (!m->weights_bf16 || m->d_model % 32 || m->hidden % 32)) return 1;
     Step s = {m, tokens, cos, sin, cross_length, num_latents, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads,
               append};
     const long B = m->batch, D = m->d_model;

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from .cpu_kernels import AVX512, load
+from .device import cpu_flags
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
+BF16_PRODUCTS_ROWS = 4
 _pointer = ctypes.c_void_p
 
 
@@ -39,6 +41,7 @@ class _Model(ctypes.Structure):
         ("layers", ctypes.c_int),
         ("weights_bf16", ctypes.c_int),
         ("caches_bf16", ctypes.c_int),
+        ("products_bf16", ctypes.c_int),
         ("eps", ctypes.c_float),
         *((name, _pointer) for name in ("embedding", "final_weight", "final_bias", "head")),
         *((name, _pointer) for name in ("input_norm_weight", "input_norm_bias")),
@@ -117,6 +120,17 @@ class FusedStep:
         self.weights_bf16 = all(w.dtype == torch.bfloat16 for w in matrices)
         if not self.weights_bf16:
             source = model  # fp32 copies or a mix: the model's own fp32 matrices
+        # From BF16_PRODUCTS_ROWS rows on, the products are compute-bound (0.9 GFLOP a step of the bench config at
+        # batch 16): with bf16 weights and AVX512-BF16 they take their input rows rounded to bf16 and run on
+        # vdpbf16ps, twice the multiply-adds an instruction (BENCHMARKS.md "bf16 products"). One row stays fp32.
+        hidden = int(c.d_model * c.mlp_ratio)
+        self.products_bf16 = (
+            self.weights_bf16
+            and state.batch >= BF16_PRODUCTS_ROWS
+            and "avx512_bf16" in cpu_flags()
+            and c.d_model % 32 == 0
+            and hidden % 32 == 0
+        )
 
         def address(t: Tensor) -> int:
             t = t.detach()
@@ -145,7 +159,7 @@ class FusedStep:
         self.spec = _Model(
             state.batch, c.d_model, c.num_heads, c.head_dim, c.rotary_dim // 2, int(c.d_model * c.mlp_ratio),
             c.vocab_size, c.num_layers, int(self.weights_bf16), int(state.cross_key.dtype == torch.bfloat16),
-            model.final_norm.eps,
+            int(self.products_bf16), model.final_norm.eps,
             address(model.embedding.weight), address(model.final_norm.weight), address(model.final_norm.bias),
             address(source.head.weight),
             address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),

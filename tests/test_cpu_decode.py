@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from perceiver_cli import PerceiverAR, PerceiverARConfig, cpu_decode, generate_stream
+from perceiver_cli.device import cpu_flags
 from perceiver_cli.generate import DecodeState, SamplingOptions, next_window, prompt_window, step_model
 
 needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason="needs AVX-512 and a C compiler")
@@ -237,3 +238,34 @@ def test_bf16_refills_run_only_where_the_c_step_runs():
     exact = DecodeState(model, 2, 100, torch.device("cpu"), None, refill_dtype=bf16)
     assert exact.refill_dtype is None
     assert DecodeState(model, 2, 100, torch.device("cpu"), stepper, refill_dtype=bf16).refill_dtype == bf16
+
+
+@needs_kernel
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="needs AVX512-BF16")
+def test_bf16_products_for_batches_round_only_the_product_inputs():
+    """From BF16_PRODUCTS_ROWS rows on, bf16 weights multiply bf16-rounded inputs (vdpbf16ps): the logits stay
+    within bf16 rounding of the fp32-input step on the same weights and caches."""
+    model = random_model(8, d_model=128, num_heads=4)
+    c = model.config
+    batch = cpu_decode.BF16_PRODUCTS_ROWS + 1
+    with torch.no_grad():
+        state, window = prefilled_state(model, batch, 50, step_model(model, torch.float32, batch))
+        weights = step_model(model, torch.bfloat16, batch)
+        paired = cpu_decode.FusedStep(model, state, weights)
+        assert paired.products_bf16
+        plain = cpu_decode.FusedStep(model, state, weights)
+        plain.spec.products_bf16 = plain.products_bf16 = False
+        window = next_window(window, c.max_context, c.num_latents, None)
+        state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
+        caches = [t.clone() for t in state.latent_keys + state.latent_values]
+        position, n = window.end - 1, state.num_latents
+        expected = plain(state.tokens[:, position], position, state.cross_length, n, append=True)
+        for cache, before in zip(state.latent_keys + state.latent_values, caches, strict=True):
+            cache.copy_(before)
+        got = paired(state.tokens[:, position], position, state.cross_length, n, append=True)
+        assert not torch.equal(got, expected)  # the inputs were rounded
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.02)
+        single = cpu_decode.FusedStep(
+            model, prefilled_state(model, 1, 50, step_model(model, torch.float32))[0], weights
+        )
+        assert not single.products_bf16  # one row stays fp32: memory-bound, nothing to gain
