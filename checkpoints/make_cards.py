@@ -363,7 +363,8 @@ def card(name: str) -> str:
             f"The decode speeds were measured again on {report['decode_refreshed']}, on both paths side by side "
             f"(`perceiver report -c {name} --out checkpoints/{name}/report --refresh-decode`; the bits are the "
             "report's): `perceiver generate` decodes through the fused C step with bf16 step weights and bf16 "
-            "caches where the CPU has AVX-512, the exact path is the model's own PyTorch layers in fp32.",
+            "caches where the CPU has AVX-512 (and with bf16 prompt prefill and refills where it has "
+            "AVX512-BF16), the exact path is the model's own PyTorch layers in fp32.",
             "",
         ]
     lines += [

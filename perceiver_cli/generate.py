@@ -515,9 +515,10 @@ def generate(
     on_token: Callable[[Step], None] | None = None,
     stepper: PerceiverAR | None = None,
     cache_dtype: torch.dtype | None = None,
+    refill_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Prompt (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy; a seeded generator is reproducible.
-    `stepper`, `cache_dtype`: as generate_stream's (None: the exact fp32 path)."""
+    `stepper`, `cache_dtype`, `refill_dtype`: as generate_stream's (None: the exact fp32 path)."""
     options = SamplingOptions(temperature, top_k, top_p, tuple(banned_tokens))
     was_training = model.training
     model.eval()
@@ -533,6 +534,7 @@ def generate(
             use_cache=use_cache,
             stepper=stepper,
             cache_dtype=cache_dtype,
+            refill_dtype=refill_dtype,
         ):
             pieces.append(step.tokens[:, None])
             if on_token is not None:

@@ -35,13 +35,11 @@ def _documents(data: PreparedData, max_documents: int | None, max_document_token
     return [d for d in documents if len(d) >= 2]
 
 
-def decode_speed(
-    model, prompt: torch.Tensor, new_tokens: int, num_latents: int | None, dtype, stepper=None, cache_dtype=None
-) -> float:
-    """Tokens/s of sampling `new_tokens` after `prompt` (prefill and refills included)."""
+def decode_speed(model, prompt: torch.Tensor, new_tokens: int, num_latents: int | None, dtype, **paths) -> float:
+    """Tokens/s of sampling `new_tokens` after `prompt` (prefill and refills included); `paths`: generate()'s
+    stepper, cache_dtype and refill_dtype."""
     from ..device import autocast
 
-    paths = dict(stepper=stepper, cache_dtype=cache_dtype)
     generate(model, prompt[:, :8], 4, temperature=0, num_latents=num_latents, **paths)  # warm-up
     start = time.perf_counter()
     with autocast(torch.device("cpu"), dtype):
@@ -61,12 +59,12 @@ def decode_speeds(model, prompt: torch.Tensor, new_tokens: int, latents: list[in
     """Per latent count, cached decode tokens/s at batch 1 on the CPU: the exact fp32 path ("decode_tokens_per_s")
     and `perceiver generate`'s default ("decode_tokens_per_s_generate": runner.Loaded.stepper and cache_dtype)."""
     stepper = step_model(model, step_weights_dtype(torch.device("cpu"), 1, torch.float32), 1)
+    refills = torch.bfloat16 if cpu_has_fast_bf16() else None  # runner.Loaded.refill_dtype
+    paths = dict(stepper=stepper, cache_dtype=torch.bfloat16, refill_dtype=refills)
     return [
         {
             "decode_tokens_per_s": decode_speed(model, prompt, new_tokens, n, torch.float32),
-            "decode_tokens_per_s_generate": decode_speed(
-                model, prompt, new_tokens, n, torch.float32, stepper=stepper, cache_dtype=torch.bfloat16
-            ),
+            "decode_tokens_per_s_generate": decode_speed(model, prompt, new_tokens, n, torch.float32, **paths),
         }
         for n in latents
     ]
