@@ -83,25 +83,22 @@ def decode_cycle(
     with contextlib.nullcontext() if fused else _without_fused_steps():
         # bf16 caches where the C step reads them (elsewhere DecodeState keeps fp32 ones)
         cache_bytes = 2 if fused and cache_dtype == torch.bfloat16 else 4
-        result = _timed_cycle(
-            model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, cache_dtype, refill_dtype
-        )
+        paths = dict(cache_dtype=cache_dtype, refill_dtype=refill_dtype)
+        result = _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, paths)
         return result | {"fused": fused, "cache_dtype": "bfloat16" if cache_bytes == 2 else "float32"}
 
 
 def _timed_cycle(
-    model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int, element: int, *dtypes
+    model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int, element: int, paths: dict
 ) -> dict:
+    """`element`: bytes of one cached key or value number; `paths`: generate_stream's cache_dtype, refill_dtype."""
     c = model.config
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
     prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
     stamps, windows = [], []
     stepper = None if step_dtype is None else step_model(model, step_dtype, batch)
     options = SamplingOptions(temperature=0)
-    cache_dtype, refill_dtype = dtypes
-    stream = generate_stream(
-        model, prompt, cycle + 2, options, stepper=stepper, cache_dtype=cache_dtype, refill_dtype=refill_dtype
-    )
+    stream = generate_stream(model, prompt, cycle + 2, options, stepper=stepper, **paths)
     for step in stream:  # token 1 is the prompt's prefill; the cycle's refill and cached steps follow
         stamps.append(time.perf_counter())
         windows.append(step.window)
