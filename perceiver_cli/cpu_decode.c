@@ -1,5 +1,7 @@
 /* One cached decoding step of Perceiver AR, the whole model in one call (x86 with AVX-512); fp32 arithmetic on
-   fp32 or bf16 weight matrices.
+   fp32 or bf16 weight matrices and fp32 or bf16 key/value caches (bf16 values are widened as they are loaded).
+   With bf16 weights and Model.products_bf16 (batches, AVX512-BF16) the products' input rows are rounded to bf16
+   too, and multiplied by vdpbf16ps.
 
    Why it exists: a cached step multiplies one to a few rows by every weight once, so it should run at the speed
    the memory streams the weights and caches. In PyTorch eager a step of the bench config is ~1,200 small ops

@@ -4,8 +4,10 @@ A step of the bench config in PyTorch eager is ~1,200 small ops; at batch 1 thei
 set the speed. `FusedStep` hands the C kernel pointers to the model's weights (the matrices in fp32, or the bf16
 copies of a bf16 step_model) and to a DecodeState's caches once, then each step is one ctypes call (which
 releases the GIL) with the newest tokens, the position's rotary tables and the cache lengths. Same arithmetic as
-DecodeState.step in fp32 on those weights, up to the order of sums and a GELU/exp accurate to ~2e-7. Built and
-loaded by cpu_kernels.py; `available()` is False where that fails.
+DecodeState.step in fp32 on those weights, up to the order of sums and a GELU/exp accurate to ~2e-7; bf16 caches
+(DecodeState's cache_dtype) are read widened and written rounded, and batches of BF16_PRODUCTS_ROWS or more rows
+on bf16 weights multiply bf16-rounded inputs on AVX512-BF16 (BENCHMARKS.md "bf16 caches", "bf16 products").
+Built and loaded by cpu_kernels.py; `available()` is False where that fails.
 """
 
 from __future__ import annotations
