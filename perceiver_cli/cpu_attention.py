@@ -120,7 +120,8 @@ def attention_backward(q, k, v, out, lse, grad_out, causal: bool) -> tuple[Tenso
     batch, heads, n, head_dim = q.shape
     num_keys = k.shape[-2]
     dq, dk, dv = _heads_last(q.shape, q), _heads_last(k.shape, k), _heads_last(v.shape, v)
-    kernel, workspace_bytes = _kernel()["backward"], _kernel()["backward_workspace"]
+    kernels = _kernel()
+    kernel, workspace_bytes = kernels["backward"], kernels["backward_workspace"]
     threads = torch.get_num_threads()
     workspace = torch.empty(workspace_bytes(batch, heads, n, num_keys, head_dim, threads), dtype=torch.uint8)
     status = kernel(

@@ -229,6 +229,16 @@ def step_weights_dtype(device: torch.device, batch: int, compute: torch.dtype) -
     return torch.bfloat16 if fast else torch.float32
 
 
+def auto_decode_dtypes(device: torch.device) -> dict:
+    """The key/value cache and refill dtypes `--dtype auto` decodes with (DecodeState's cache_dtype, refill_dtype):
+    on a CPU, bf16 caches (half the bytes the fused C step reads; ±0.0003 bits/token on the shipped checkpoints,
+    BENCHMARKS.md "bf16 caches") and, where bf16 matmuls are fast, bf16 prompt prefill and refills ("bf16
+    refills"). DecodeState applies them only where the C step runs."""
+    if device.type != "cpu":
+        return {"cache_dtype": None, "refill_dtype": None}
+    return {"cache_dtype": torch.bfloat16, "refill_dtype": torch.bfloat16 if cpu_has_fast_bf16() else None}
+
+
 class DecodeState:
     """Preallocated caches for one batch: cross-attention keys/values of the input window, and each latent
     layer's keys/values of the current latents."""
@@ -266,21 +276,18 @@ class DecodeState:
         self.pending_append = False  # the newest token's cross-attention keys/values are left to the fused step
         # bf16 caches halve the bytes a cached step reads from them (at batch 16, 84% of its bytes); only the
         # fused C step reads them, so they are kept only where it runs (None: the dtype the model computes in)
-        self.cache_dtype = cache_dtype
         # The prompt's prefill and the refills are matmul-bound: with refill_dtype bf16 they run under bf16 autocast
-        # (~2x on a CPU with AVX512-BF16) while the cached steps stay the C step's. Only where that C step will run:
-        # the PyTorch steps must read caches in the dtype they compute in.
-        fused_possible = self.stepper is not model and cpu_decode.supports_model(model) and device.type == "cpu"
-        self.refill_dtype = refill_dtype if fused_possible and refill_dtype != torch.float32 else None
+        # (~2x on a CPU with AVX512-BF16) while the cached steps stay the C step's. Both only where that C step will
+        # run: the PyTorch steps must read caches in the dtype they compute in.
+        self.fused_possible = (
+            self.stepper is not model and cpu_decode.supports_model(model) and device.type == "cpu"
+        )
+        self.cache_dtype = cache_dtype if self.fused_possible else None
+        self.refill_dtype = refill_dtype if self.fused_possible and refill_dtype != torch.float32 else None
 
     def _allocate(self, like: Tensor) -> None:
-        dtype = self.cache_dtype or like.dtype
-        self._allocate_as(like, dtype)
-        if not self.fused and dtype != like.dtype:  # no C step for these caches: the PyTorch steps' dtype
-            self._allocate_as(like, like.dtype)
-
-    def _allocate_as(self, like: Tensor, dtype: torch.dtype) -> None:
         c = self.model.config
+        dtype = self.cache_dtype or like.dtype
 
         def transposed(capacity: int) -> Tensor:
             # Stored (B, H, Dh, capacity) and handed out as a (B, H, capacity, Dh) view: a cached step's
@@ -294,9 +301,8 @@ class DecodeState:
         # step weights (four alternated rounds; BENCHMARKS.md "Decode per-token overhead"). The fused C step
         # reads rows faster than the transposed layout (batch 16: its cross-attention 216-236 vs 294-483 ms
         # per 30 steps), so where it will run, the cross-attention cache is rows too.
-        fused_likely = self.stepper is not self.model and dtype in (torch.float32, torch.bfloat16)
         rows = (self.batch, c.num_heads, self.cross_capacity, c.head_dim)
-        if fused_likely and cpu_decode.available() and like.device.type == "cpu":
+        if self.fused_possible and dtype in (torch.float32, torch.bfloat16):
             self.cross_key, self.cross_value = like.new_empty(rows, dtype=dtype), like.new_empty(rows, dtype=dtype)
         else:
             self.cross_key, self.cross_value = transposed(self.cross_capacity), transposed(self.cross_capacity)

@@ -32,8 +32,8 @@ from .checkpoint import resolve_checkpoint as _resolve_checkpoint
 from .codecs import Codec, CodecError
 from .codecs.music import PerformanceGuard, cut_midi, duration_seconds, load_midi
 from .codecs.text import read_text
-from .device import autocast, cpu_has_fast_bf16, decode_threads, resolve_device, resolve_dtype
-from .generate import SamplingOptions, generate_stream, step_model, step_weights_dtype
+from .device import autocast, decode_threads, resolve_device, resolve_dtype
+from .generate import SamplingOptions, auto_decode_dtypes, generate_stream, step_model, step_weights_dtype
 from .model import PerceiverAR
 
 MODALITIES = ("music", "image", "text")
@@ -74,18 +74,11 @@ class Loaded:
         return self.steppers[dtype, batch]
 
     @property
-    def cache_dtype(self) -> torch.dtype | None:
-        """bf16 key/value caches for CPU decoding unless fp32 was asked for: half the bytes the fused C step reads
-        from them, for ±0.0003 bits/token on the shipped checkpoints (BENCHMARKS.md "bf16 caches"). Only the C
-        step reads them: where it does not run, generate.DecodeState keeps the compute dtype."""
-        return None if self.exact or self.device.type != "cpu" else torch.bfloat16
-
-    @property
-    def refill_dtype(self) -> torch.dtype | None:
-        """bf16 autocast for the prompt's prefill and the refills of CPU decoding where bf16 matmuls are fast
-        (AVX512-BF16/AMX) and fp32 was not asked for; the cached steps stay the C step's (DecodeState)."""
-        fast = not self.exact and self.device.type == "cpu" and cpu_has_fast_bf16()
-        return torch.bfloat16 if fast else None
+    def decode_dtypes(self) -> dict:
+        """generate_stream's cache_dtype and refill_dtype: `auto`'s (generate.auto_decode_dtypes), none with fp32."""
+        if self.exact:
+            return {"cache_dtype": None, "refill_dtype": None}
+        return auto_decode_dtypes(self.device)
 
     @property
     def name(self) -> str:
@@ -401,8 +394,7 @@ def _sample_rows(
                 num_latents=options.num_latents,
                 logits_processor=guard,
                 stepper=loaded.stepper(batch),
-                cache_dtype=loaded.cache_dtype,
-                refill_dtype=loaded.refill_dtype,
+                **loaded.decode_dtypes,
             )
             with autocast(loaded.device, loaded.dtype):
                 for index, step in enumerate(stream):

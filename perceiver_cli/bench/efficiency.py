@@ -30,7 +30,14 @@ import torch
 
 from .. import cpu_attention, cpu_decode
 from ..device import autocast, cpu_has_fast_bf16
-from ..generate import SamplingOptions, generate_stream, onednn_linear_available, step_model, step_weights_dtype
+from ..generate import (
+    SamplingOptions,
+    auto_decode_dtypes,
+    generate_stream,
+    onednn_linear_available,
+    step_model,
+    step_weights_dtype,
+)
 from ..model import PerceiverAR, latent_loss
 from .core import VOCAB, bench_config, best_time
 
@@ -230,24 +237,15 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
         auto = step_weights_dtype(device, batch, torch.float32)  # decoding on a CPU computes in fp32
         steps = [("model", None), ("fp32", torch.float32)] + ([("auto", auto)] if auto != torch.float32 else [])
         if cpu_decode.available():  # the C step: `--dtype fp32` (fp32 weights and caches), and `auto` (the
-            # weights step_weights_dtype picks, bf16 caches: runner.Loaded.cache_dtype)
+            # weights step_weights_dtype picks, and generate.auto_decode_dtypes' caches and refills)
             steps += [("fused", torch.float32), ("fused_auto", auto)]
         for label, step_dtype in steps:
             # This VM's bandwidth moves within minutes (32-59 GB/s in one run): measure it right before and
             # after each row as well; the row's fraction of that "adjacent" ceiling says how close the code is to
             # the memory of its own minute, and every adjacent measurement also counts for the run's limit.
             before = streaming_bandwidth(parameters)
-            cache_dtype = torch.bfloat16 if label == "fused_auto" else None
-            refill_dtype = torch.bfloat16 if label == "fused_auto" and with_bf16 else None  # Loaded.refill_dtype
-            result = decode_cycle(
-                model,
-                batch,
-                step_dtype,
-                bandwidth,
-                fused=label.startswith("fused"),
-                cache_dtype=cache_dtype,
-                refill_dtype=refill_dtype,
-            )
+            paths = auto_decode_dtypes(device) if label == "fused_auto" else {}
+            result = decode_cycle(model, batch, step_dtype, bandwidth, fused=label.startswith("fused"), **paths)
             adjacent = max(before, streaming_bandwidth(parameters))
             highest_adjacent = max(highest_adjacent, adjacent)
             result["bandwidth_adjacent_gb_s"] = adjacent / 1e9

@@ -88,7 +88,7 @@ def run(
         if cache_dtype is not None and not cpu_decode.available():
             continue  # only the fused C step reads bf16 caches
         if refill_dtype is not None and not cpu_has_fast_bf16():
-            continue  # bf16 refills only where bf16 matmuls are fast (runner.Loaded.refill_dtype)
+            continue  # bf16 refills only where bf16 matmuls are fast (generate.auto_decode_dtypes)
         bits = scored = seconds = 0.0
         for document, prompt_length in chosen:
             b, n, s = forced_decode(model, document, prompt_length, stepper, cache_dtype, refill_dtype)

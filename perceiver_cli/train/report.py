@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..codecs.base import atomic_write
 from ..device import cpu_has_fast_bf16
-from ..generate import generate, step_model, step_weights_dtype
+from ..generate import auto_decode_dtypes, generate, step_model, step_weights_dtype
 from .baselines import baseline_table
 from .evaluate import evaluate_documents
 from .prepare import PreparedData
@@ -57,10 +57,9 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int, num_latents: int 
 
 def decode_speeds(model, prompt: torch.Tensor, new_tokens: int, latents: list[int]) -> list[dict]:
     """Per latent count, cached decode tokens/s at batch 1 on the CPU: the exact fp32 path ("decode_tokens_per_s")
-    and `perceiver generate`'s default ("decode_tokens_per_s_generate": runner.Loaded.stepper and cache_dtype)."""
-    stepper = step_model(model, step_weights_dtype(torch.device("cpu"), 1, torch.float32), 1)
-    refills = torch.bfloat16 if cpu_has_fast_bf16() else None  # runner.Loaded.refill_dtype
-    paths = dict(stepper=stepper, cache_dtype=torch.bfloat16, refill_dtype=refills)
+    and `perceiver generate`'s default ("decode_tokens_per_s_generate": runner.Loaded.stepper, auto_decode_dtypes)."""
+    cpu = torch.device("cpu")
+    paths = dict(stepper=step_model(model, step_weights_dtype(cpu, 1, torch.float32), 1), **auto_decode_dtypes(cpu))
     return [
         {
             "decode_tokens_per_s": decode_speed(model, prompt, new_tokens, n, torch.float32),
