@@ -50,11 +50,13 @@ typedef struct {
     const void *head;
     const float *input_norm_weight, *input_norm_bias; /* the cross-attention block's norm of its inputs */
     const Block *blocks; /* the cross-attention block, then each latent layer */
+    const double *inverse_frequencies; /* (rotary_half,): the rotary frequencies (model.rotary_tables') */
 } Model;
 
 typedef struct {
     const Model *m;
-    const long *tokens;     /* (B,): the newest token of each row */
+    const long *tokens;     /* the newest token of each row, at tokens[b * token_stride] */
+    long token_stride;
     const float *cos, *sin; /* (rotary_half,): the newest position's rotary tables */
     int cross_length, num_latents, threads;
     int append; /* also compute the newest token's cross-attention key and value, into slot cross_length - 1 */
@@ -351,7 +353,7 @@ static void run_step(Step *s, int id) {
     float *normed = aligned_alloc(64, sizeof(float) * m->batch * D);
     s->rows_bf16[id] = m->products_bf16 ? aligned_alloc(64, sizeof(uint16_t) * m->batch * (m->hidden > D ? m->hidden : D)) : NULL;
     for (int b = id; b < m->batch; b += s->threads)
-        memcpy(s->hidden + (long)b * D, m->embedding + s->tokens[b] * D, sizeof(float) * D);
+        memcpy(s->hidden + (long)b * D, m->embedding + s->tokens[b * s->token_stride] * D, sizeof(float) * D);
     barrier(s);
     for (int index = 0; index <= m->layers; index++) {
         const Block *block = &m->blocks[index];
@@ -378,11 +380,18 @@ long f32_decode_workspace(const Model *m) {
 }
 
 /* Returns 0 on success, 1 for unsupported sizes. `workspace` holds f32_decode_workspace(m) bytes. */
-int f32_decode_step(const Model *m, const long *tokens, const float *cos, const float *sin, int cross_length,
+int f32_decode_step(const Model *m, const long *tokens, long token_stride, long position, int cross_length,
                     int num_latents, int append, int threads, float *logits, float *workspace) {
     if (m->d_model % 16 || m->hidden % 16 || m->head_dim % 16 || m->head_dim > 128 || cross_length < 1) return 1;
     if (m->products_bf16 && (!m->weights_bf16 || m->d_model % 32 || m->hidden % 32)) return 1;
-    Step s = {m, tokens, cos, sin, cross_length, num_latents, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads,
+    /* the position's rotary tables, in double and then rounded, as model.rotary_tables computes them */
+    float cos_table[64], sin_table[64];
+    if (m->rotary_half > 64) return 1;
+    for (int i = 0; i < m->rotary_half; i++) {
+        cos_table[i] = (float)cos((double)position * m->inverse_frequencies[i]);
+        sin_table[i] = (float)sin((double)position * m->inverse_frequencies[i]);
+    }
+    Step s = {m, tokens, token_stride, cos_table, sin_table, cross_length, num_latents, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads,
               append};
     const long B = m->batch, D = m->d_model;
     s.logits = logits;

@@ -3,17 +3,17 @@
 A step of the bench config in PyTorch eager is ~1,200 small ops; at batch 1 their fixed costs, not the memory,
 set the speed. `FusedStep` hands the C kernel pointers to the model's weights (the matrices in fp32, or the bf16
 copies of a bf16 step_model) and to a DecodeState's caches once, then each step is one ctypes call (which
-releases the GIL) with the newest tokens, the position's rotary tables and the cache lengths. Same arithmetic as
-DecodeState.step in fp32 on those weights, up to the order of sums and a GELU/exp accurate to ~2e-7; bf16 caches
-(DecodeState's cache_dtype) are read widened and written rounded, and batches of BF16_PRODUCTS_ROWS or more rows
-on bf16 weights multiply bf16-rounded inputs on AVX512-BF16 (BENCHMARKS.md "bf16 caches", "bf16 products").
+releases the GIL) with the newest tokens, their position (the kernel computes its rotary tables) and the cache
+lengths. Same arithmetic as DecodeState.step in fp32 on those weights, up to the order of sums and a GELU/exp
+accurate to ~2e-7; bf16 caches (DecodeState's cache_dtype) are read widened and written rounded, and batches of
+BF16_PRODUCTS_ROWS or more rows on bf16 weights multiply bf16-rounded inputs on AVX512-BF16 (BENCHMARKS.md
+"bf16 caches", "bf16 products").
 Built and loaded by cpu_kernels.py; `available()` is False where that fails.
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
 from functools import cache
 from pathlib import Path
 
@@ -48,6 +48,7 @@ class _Model(ctypes.Structure):
         *((name, _pointer) for name in ("embedding", "final_weight", "final_bias", "head")),
         *((name, _pointer) for name in ("input_norm_weight", "input_norm_bias")),
         ("blocks", ctypes.POINTER(_Block)),
+        ("inverse_frequencies", ctypes.POINTER(ctypes.c_double)),
     ]
 
 
@@ -57,7 +58,9 @@ def _kernel():
     if library is None:
         return None
     step = library.f32_decode_step
-    step.argtypes = [ctypes.POINTER(_Model), _pointer, _pointer, _pointer] + [ctypes.c_int] * 4 + [_pointer] * 2
+    step.argtypes = (
+        [ctypes.POINTER(_Model), _pointer, ctypes.c_long, ctypes.c_long] + [ctypes.c_int] * 4 + [_pointer] * 2
+    )
     step.restype = ctypes.c_int
     workspace = library.f32_decode_workspace
     workspace.argtypes, workspace.restype = [ctypes.POINTER(_Model)], ctypes.c_long
@@ -158,6 +161,11 @@ class FusedStep:
         caches = zip(model.layers, source.layers, state.latent_keys, state.latent_values, strict=True)
         blocks += [block(layer, products, keys, values) for layer, products, keys, values in caches]
         self.blocks = (_Block * len(blocks))(*blocks)
+        # model.rotary_tables' frequencies in float64: the kernel computes each step's tables from the position
+        half = c.rotary_dim // 2
+        self.inverse_frequencies = (ctypes.c_double * half)(
+            *(c.rotary_base ** (-(2 * i) / c.rotary_dim) for i in range(half))
+        )
         self.spec = _Model(
             state.batch, c.d_model, c.num_heads, c.head_dim, c.rotary_dim // 2, int(c.d_model * c.mlp_ratio),
             c.vocab_size, c.num_layers, int(self.weights_bf16), int(state.cross_key.dtype == torch.bfloat16),
@@ -166,25 +174,26 @@ class FusedStep:
             address(source.head.weight),
             address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),
             ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
+            ctypes.cast(self.inverse_frequencies, ctypes.POINTER(ctypes.c_double)),
         )  # fmt: skip
         self.step, workspace_bytes, _ = _kernel()
         self.workspace = torch.empty(workspace_bytes(ctypes.byref(self.spec)) // 4)
         self.logits = torch.empty(state.batch, c.vocab_size)
-        # model.rotary_tables' frequencies in float64, so that each step's tables cost no PyTorch ops
-        self.inverse_frequencies = [c.rotary_base ** (-(2 * i) / c.rotary_dim) for i in range(c.rotary_dim // 2)]
+        # every argument but the step's own, converted once: at ~1 ms a step, tens of microseconds of Python count
+        self.spec_reference = ctypes.byref(self.spec)
+        self.logits_address, self.workspace_address = self.logits.data_ptr(), self.workspace.data_ptr()
 
     def __call__(
         self, tokens: Tensor, position: int, cross_length: int, num_latents: int, append: bool = False
     ) -> Tensor:
         """Logits (B, V) of the newest tokens (B,) at `position`; writes their latent keys/values at slot
-        num_latents, and with `append` also their cross-attention keys/values at slot cross_length - 1."""
-        tokens = tokens.to(torch.long).contiguous()
-        half = len(self.inverse_frequencies)
-        cos = (ctypes.c_float * half)(*(math.cos(position * f) for f in self.inverse_frequencies))
-        sin = (ctypes.c_float * half)(*(math.sin(position * f) for f in self.inverse_frequencies))
+        num_latents, and with `append` also their cross-attention keys/values at slot cross_length - 1. `tokens`
+        may be a strided view (a column of DecodeState.tokens): the kernel reads it in place."""
+        if tokens.dtype != torch.long or tokens.dim() != 1:
+            tokens = tokens.reshape(-1).to(torch.long)
         status = self.step(
-            ctypes.byref(self.spec), tokens.data_ptr(), cos, sin, cross_length, num_latents,
-            int(append), torch.get_num_threads(), self.logits.data_ptr(), self.workspace.data_ptr(),
+            self.spec_reference, tokens.data_ptr(), tokens.stride(0), position, cross_length, num_latents,
+            int(append), torch.get_num_threads(), self.logits_address, self.workspace_address,
         )  # fmt: skip
         if status:
             raise RuntimeError(f"cpu_decode kernel failed with status {status}")

@@ -207,6 +207,30 @@ def test_banned_tokens_are_never_drawn():
         assert int(sample_next(logits, SamplingOptions(banned_tokens=(2,)), generator)) != 2
 
 
+def test_sampling_draws_what_torch_multinomial_draws_from_the_same_generator():
+    # seeds given before the exponential race replaced torch.multinomial keep producing the same samples
+    for seed in range(40):
+        logits = torch.randn(3 if seed % 2 else 1, 97, generator=torch.Generator().manual_seed(seed)) * 3
+        for temperature in (1.0, 0.7):
+            ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            options = SamplingOptions(temperature=temperature, banned_tokens=(5,))
+            drawn = sample_next(logits, options, ours)
+            masked = logits.clone()
+            masked[:, 5] = float("-inf")
+            expected = torch.multinomial((masked / temperature).softmax(-1), 1, generator=theirs).squeeze(-1)
+            assert torch.equal(drawn, expected)
+            assert torch.equal(torch.rand(2, generator=ours), torch.rand(2, generator=theirs))  # same draws used
+
+
+def test_sampling_frequencies_follow_the_probabilities():
+    probabilities = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    logits = probabilities.log().expand(20_000, 4)
+    drawn = sample_next(logits, SamplingOptions(), torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4) / drawn.numel()
+    # binomial standard error at 20,000 draws is <= 0.0036: five of them
+    assert torch.allclose(frequencies, probabilities, atol=0.018)
+
+
 def test_invalid_sampling_options_are_refused():
     with pytest.raises(ValueError, match="top_p"):
         SamplingOptions(top_p=0.0)
