@@ -186,13 +186,14 @@ class FusedStep:
     def __call__(
         self, tokens: Tensor, position: int, cross_length: int, num_latents: int, append: bool = False
     ) -> Tensor:
-        """Logits (B, V) of the newest tokens (B,) at `position`; writes their latent keys/values at slot
-        num_latents, and with `append` also their cross-attention keys/values at slot cross_length - 1. `tokens`
-        may be a strided view (a column of DecodeState.tokens): the kernel reads it in place."""
-        if tokens.dtype != torch.long or tokens.dim() != 1:
-            tokens = tokens.reshape(-1).to(torch.long)
+        """Logits (B, V) of the newest tokens, column `position` of `tokens` (B, T) (int64, e.g. DecodeState.tokens:
+        the kernel reads the column in place); writes their latent keys/values at slot num_latents, and with
+        `append` also their cross-attention keys/values at slot cross_length - 1."""
+        if tokens.dtype != torch.long or tokens.dim() != 2 or not 0 <= position < tokens.shape[1]:
+            raise ValueError(f"tokens must be a (batch, length) int64 tensor with column {position}")
+        column = tokens.data_ptr() + position * tokens.stride(1) * tokens.element_size()
         status = self.step(
-            self.spec_reference, tokens.data_ptr(), tokens.stride(0), position, cross_length, num_latents,
+            self.spec_reference, column, tokens.stride(0), position, cross_length, num_latents,
             int(append), torch.get_num_threads(), self.logits_address, self.workspace_address,
         )  # fmt: skip
         if status:

@@ -409,8 +409,7 @@ class DecodeState:
         if self.fused:
             if self.num_latents >= self.latent_capacity:  # the C step writes slot num_latents unchecked
                 raise RuntimeError(f"latent caches full ({self.latent_capacity} positions)")
-            tokens, append = self.tokens[:, position], self.pending_append
-            logits = self.fused(tokens, position, self.cross_length, self.num_latents, append)
+            logits = self.fused(self.tokens, position, self.cross_length, self.num_latents, self.pending_append)
             self.num_latents, self.pending_append = self.num_latents + 1, False
             return logits
         rope = model.rope(self._positions(position, position + 1))

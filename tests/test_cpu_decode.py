@@ -63,7 +63,7 @@ def test_fused_step_matches_the_pytorch_step(batch, overrides):
             for cache, before in zip(state.latent_keys + state.latent_values, caches, strict=True):
                 cache.copy_(before)
             position = window.end - 1
-            got = fused(state.tokens[:, position], position, state.cross_length, state.num_latents - 1)
+            got = fused(state.tokens, position, state.cross_length, state.num_latents - 1)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
             for cache, reference in zip(state.latent_keys + state.latent_values, written, strict=True):
                 torch.testing.assert_close(cache[:, :, :filled], reference, rtol=1e-4, atol=1e-5)  # its own k, v
@@ -88,7 +88,7 @@ def test_fused_step_appends_the_newest_inputs_keys_and_values(batch):
         for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
             cache.copy_(before)
         position = window.end - 1
-        got = fused(state.tokens[:, position], position, state.cross_length, state.num_latents - 1, append=True)
+        got = fused(state.tokens, position, state.cross_length, state.num_latents - 1, append=True)
         torch.testing.assert_close(state.cross_key[:, :, slot], cache_key, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(state.cross_value[:, :, slot], cache_value, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
@@ -177,7 +177,7 @@ def test_fused_step_with_bf16_weights_is_the_model_with_bf16_rounded_weights(bat
         for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
             cache.copy_(before)
         position = window.end - 1
-        got = fused(state.tokens[:, position], position, state.cross_length, state.num_latents - 1)
+        got = fused(state.tokens, position, state.cross_length, state.num_latents - 1)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         assert not cpu_decode.FusedStep(model, state, step_model(model, torch.float32, batch)).weights_bf16
 
@@ -259,10 +259,10 @@ def test_bf16_products_for_batches_round_only_the_product_inputs():
         state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
         caches = [t.clone() for t in state.latent_keys + state.latent_values]
         position, n = window.end - 1, state.num_latents
-        expected = plain(state.tokens[:, position], position, state.cross_length, n, append=True)
+        expected = plain(state.tokens, position, state.cross_length, n, append=True)
         for cache, before in zip(state.latent_keys + state.latent_values, caches, strict=True):
             cache.copy_(before)
-        got = paired(state.tokens[:, position], position, state.cross_length, n, append=True)
+        got = paired(state.tokens, position, state.cross_length, n, append=True)
         assert not torch.equal(got, expected)  # the inputs were rounded
         torch.testing.assert_close(got, expected, rtol=0.05, atol=0.02)
         single = cpu_decode.FusedStep(
