@@ -15,8 +15,10 @@ Then, for the bench config of core.py:
       and with the one-call C step of cpu_decode.py that `perceiver generate` runs where it is available, on
       fp32 weights and caches ("fused") and as `auto` runs it ("fused_auto": the weights `auto` picks and bf16
       caches, whose bytes the ceiling then counts at 2 per value). Each decode row
-      also records the bandwidth measured right before and after it and its fraction of that ceiling; those
-      measurements count toward the run's limit too.
+      also records the bandwidth measured right before and after it and its fraction of that ceiling (those
+      measurements count toward the run's limit too), and its "paired" fraction: one matvec is timed after every
+      16 cached steps, and the steps' median rate is set against those matvecs' median (the same seconds of the
+      VM's memory, and the same statistic on both sides: the run's limit is a best of 10 at its best moment).
 bf16 rows run only where bf16 matmuls are fast (`cpu_has_fast_bf16`) unless asked for: elsewhere a bf16 GEMM
 runs ~100x slower than fp32 and one bf16 training step at 16k would take hours.
 """
@@ -52,6 +54,12 @@ def streaming_bandwidth(num_elements: int) -> float:
     fastest of the kernels a step may use: MKL's gemv behind F.linear, oneDNN's on prepacked weights
     (generate.StepLinear) and the fused C step's own product (cpu_decode.linear). A ceiling from a slower kernel
     than the steps use would flatter every fraction."""
+    kernels, size = _matvec_kernels(num_elements)
+    return max(size / best_time(kernel, repeats=10) for kernel in kernels)
+
+
+def _matvec_kernels(num_elements: int) -> tuple[list, int]:
+    """The matvec kernels streaming_bandwidth tries, over one fp32 matrix of ~`num_elements`, and its bytes."""
     rows = 4096
     weight = torch.randn(rows, max(16, num_elements // rows // 16 * 16))  # the C product: rows of 16k floats
     vector = torch.randn(1, weight.shape[1])
@@ -61,7 +69,21 @@ def streaming_bandwidth(num_elements: int) -> float:
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(vector, packed, None, "none", [], ""))
     if cpu_decode.available():
         kernels.append(lambda: cpu_decode.linear(vector, weight))
-    return max(weight.numel() * 4 / best_time(kernel, repeats=10) for kernel in kernels)
+    return kernels, weight.numel() * 4
+
+
+def paired_matvec(num_elements: int):
+    """A function timing one matvec of streaming_bandwidth's fastest kernel, returning its bytes per second: for
+    decode_cycle's `pair_with`, which times one between blocks of cached steps."""
+    kernels, size = _matvec_kernels(num_elements)
+    fastest = max(kernels, key=lambda kernel: size / best_time(kernel, repeats=5))
+
+    def measure() -> float:
+        start = time.perf_counter()
+        fastest()
+        return size / (time.perf_counter() - start)
+
+    return measure
 
 
 def read_bandwidth(num_elements: int) -> float:
@@ -80,36 +102,54 @@ def decode_cycle(
     fused: bool = False,
     cache_dtype: torch.dtype | None = None,
     refill_dtype: torch.dtype | None = None,
+    pair_with=None,
 ) -> dict:
     """Greedy decode after a prompt of `prompt_length` tokens, timed token by token over one refill cycle.
 
     fused: cached steps by cpu_decode's C step (as `perceiver generate` runs them where it is available);
     otherwise by PyTorch ops, on the StepLinears of `step_dtype` (None: the model's own layers). `cache_dtype`:
-    the key/value caches' dtype where the C step runs, `refill_dtype` its refills' autocast (generate.DecodeState)."""
+    the key/value caches' dtype where the C step runs, `refill_dtype` its refills' autocast (generate.DecodeState).
+    `pair_with` (a `paired_matvec`): also time one matvec after every PAIR_EVERY cached steps (outside the steps'
+    times) and give the steps' rate as a fraction of those matvecs' median rate: the ceiling of the very seconds
+    the steps ran in."""
     # DecodeState takes the C step whenever it is given a stepper and the kernel is available
     with contextlib.nullcontext() if fused else _without_fused_steps():
         # bf16 caches where the C step reads them (elsewhere DecodeState keeps fp32 ones)
         cache_bytes = 2 if fused and cache_dtype == torch.bfloat16 else 4
         paths = dict(cache_dtype=cache_dtype, refill_dtype=refill_dtype)
-        result = _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, paths)
+        result = _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, paths, pair_with)
         return result | {"fused": fused, "cache_dtype": "bfloat16" if cache_bytes == 2 else "float32"}
 
 
+PAIR_EVERY = 16  # cached steps between two paired matvecs (decode_cycle's pair_with)
+
+
 def _timed_cycle(
-    model: PerceiverAR, batch: int, step_dtype, bandwidth: float, prompt_length: int, element: int, paths: dict
+    model: PerceiverAR,
+    batch: int,
+    step_dtype,
+    bandwidth: float,
+    prompt_length: int,
+    element: int,
+    paths: dict,
+    pair_with=None,
 ) -> dict:
     """`element`: bytes of one cached key or value number; `paths`: generate_stream's cache_dtype, refill_dtype."""
     c = model.config
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
     prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
-    stamps, windows = [], []
+    durations, windows, paired_rates = [], [], []
     stepper = None if step_dtype is None else step_model(model, step_dtype, batch)
     options = SamplingOptions(temperature=0)
     stream = generate_stream(model, prompt, cycle + 2, options, stepper=stepper, **paths)
+    start = time.perf_counter()
     for step in stream:  # token 1 is the prompt's prefill; the cycle's refill and cached steps follow
-        stamps.append(time.perf_counter())
+        durations.append(time.perf_counter() - start)
         windows.append(step.window)
-    durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        if pair_with is not None and len(windows) % PAIR_EVERY == 0:
+            paired_rates.append(pair_with())
+        start = time.perf_counter()
+    durations = durations[1:]  # from the first token on: the time since the token before
     steady = [(d, w) for d, w in zip(durations, windows[1:], strict=True) if not w.refill]
     step_seconds = sorted(d for d, _ in steady)[len(steady) // 2]  # median cached step
     weight_bytes = _step_weight_bytes(model, step_dtype)
@@ -127,7 +167,13 @@ def _timed_cycle(
         "bytes_per_step": step_bytes,
         "tokens_per_s_with_refill": batch * len(durations) / sum(durations),
         "cached_steps": len(steady),
-    }
+    } | (_paired(rate * step_bytes / batch, paired_rates) if paired_rates else {})
+
+
+def _paired(step_rate: float, matvec_rates: list[float]) -> dict:
+    """The steps' bytes/s against the median of the matvecs timed between them (both medians of one span)."""
+    median = sorted(matvec_rates)[len(matvec_rates) // 2]
+    return {"bandwidth_paired_gb_s": median / 1e9, "fraction_of_paired_ceiling": step_rate / median}
 
 
 @contextlib.contextmanager
@@ -233,6 +279,7 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     model.eval()
     results["read_bandwidth_gb_s"] = read_bandwidth(parameters) / 1e9
     highest_adjacent = 0.0
+    pair = paired_matvec(parameters)
     for batch in (1, 16):
         auto = step_weights_dtype(device, batch, torch.float32)  # decoding on a CPU computes in fp32
         steps = [("model", None), ("fp32", torch.float32)] + ([("auto", auto)] if auto != torch.float32 else [])
@@ -245,7 +292,8 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             # the memory of its own minute, and every adjacent measurement also counts for the run's limit.
             before = streaming_bandwidth(parameters)
             paths = auto_decode_dtypes(device) if label == "fused_auto" else {}
-            result = decode_cycle(model, batch, step_dtype, bandwidth, fused=label.startswith("fused"), **paths)
+            fused = label.startswith("fused")
+            result = decode_cycle(model, batch, step_dtype, bandwidth, fused=fused, pair_with=pair, **paths)
             adjacent = max(before, streaming_bandwidth(parameters))
             highest_adjacent = max(highest_adjacent, adjacent)
             result["bandwidth_adjacent_gb_s"] = adjacent / 1e9

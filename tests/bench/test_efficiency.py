@@ -38,4 +38,9 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         # the bandwidth beside each row is one of the measurements the run's limit is the highest of
         assert 0 < fp32["bandwidth_adjacent_gb_s"] <= results["bandwidth_gb_s"]
         assert fp32["fraction_of_adjacent_ceiling"] >= fp32["fraction_of_ceiling"]
+        # and against the matvecs timed between its own steps (one per 16 cached steps)
+        paired = fp32["bandwidth_paired_gb_s"] * 1e9
+        assert paired > 0
+        expected = fp32["tokens_per_s"] * fp32["bytes_per_step"] / batch / paired
+        assert abs(fp32["fraction_of_paired_ceiling"] - expected) < 1e-9 * expected
     assert results["read_bandwidth_gb_s"] > 0
