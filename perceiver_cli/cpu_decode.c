@@ -95,31 +95,59 @@ INLINE __m512 load_weights(const void *w, long at, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-INLINE const char *weight_address(const void *w, long at, int bf16) {
-    return bf16 ? (const char *)((const uint16_t *)w + at) : (const char *)((const float *)w + at);
+/* The products' weights are packed (cpu_decode.pack): per group of four output rows, 64-byte blocks (16 fp32 or
+   32 bf16 values) of the four rows in turn, the last group padded with zero rows. A bf16 block holds elements
+   i..i+31 of its row as 16 pairs (i + k, i + 16 + k): its low halves widen to elements i..i+15 and its high
+   halves to i+16..i+31, so the input rows pair with them unpermuted. A thread's share of a matrix is then one sequential stream. In the (out, in) layout the four rows of a group were
+   four streams of 2-8 KB each, and the step's products read at ~80% of one big matvec when this VM's memory was
+   fast, against ~95% packed (benchmarks/ab/matvec_shapes.c, BENCHMARKS.md "Packed weights"). */
+#define GROUP_BYTES 256     /* one block of each of the four rows */
+#define PREFETCH_BYTES 4096 /* how far ahead of its loads one pass over the stream prefetches it into L2 */
+
+/* the 256 bytes `distance` past `block` into L2 (distance 0: none) */
+INLINE void prefetch_ahead(const char *block, long distance) {
+    if (distance)
+        for (int line = 0; line < GROUP_BYTES; line += 64) _mm_prefetch(block + distance + line, _MM_HINT_T1);
 }
 
-/* Four weight rows against `R` input rows: y[r][o] (+)= w_o . x[r]. Four rows stream from memory at once (one
-   row at a time left the memory idle between the loads of a single stream), and each is read once for all R.
-   bf16 weights are widened to fp32 as they are loaded; the arithmetic stays fp32. */
-INLINE void dot_rows(int R, int bf16, const void *w, long w_stride, int in, const float *x, long x_stride, float *y,
-                     long y_stride, int accumulate) {
+/* One packed group of four weight rows against `R` input rows: y[r][o] (+)= w_o . x[r]; each weight is read once
+   for all R. fp32 weights: 16 values a block; bf16 weights: 32, widened to fp32 as they are loaded (the
+   arithmetic stays fp32). Past the end of the matrix the prefetches are hints to addresses that may not exist,
+   which x86 ignores. */
+INLINE void dot_rows(int R, int bf16, const void *group, int in, const float *x, long x_stride, float *y,
+                     long y_stride, int accumulate, long prefetch) {
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-    for (int i = 0; i < in; i += 16) {
-        /* the next four rows into L2 while these four stream: the layer matrices are 1-4 MB, too short for the
-           hardware prefetcher to reach full speed on its own (batch 1: 7.0-7.5 -> 4.8-5.4 ms a step). Past the
-           last row these are hints to addresses that may not exist, which x86 ignores. */
-        for (int j = 4; j < 8; j++) _mm_prefetch(weight_address(w, j * w_stride + i, bf16), _MM_HINT_T1);
-        __m512 w0 = load_weights(w, i, bf16), w1 = load_weights(w, w_stride + i, bf16);
-        __m512 w2 = load_weights(w, 2 * w_stride + i, bf16), w3 = load_weights(w, 3 * w_stride + i, bf16);
-        for (int r = 0; r < R; r++) {
-            __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
-            acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(w2, xv, acc[r][2]);
-            acc[r][3] = _mm512_fmadd_ps(w3, xv, acc[r][3]);
+    const char *block = group;
+    if (!bf16) {
+        for (int i = 0; i < in; i += 16, block += GROUP_BYTES) {
+            prefetch_ahead(block, prefetch);
+            const float *w = (const float *)block;
+            __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+            __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
+            for (int r = 0; r < R; r++) {
+                __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
+                acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
+                acc[r][2] = _mm512_fmadd_ps(w2, xv, acc[r][2]);
+                acc[r][3] = _mm512_fmadd_ps(w3, xv, acc[r][3]);
+            }
+        }
+    } else {
+        for (int i = 0; i < in; i += 32, block += GROUP_BYTES) {
+            prefetch_ahead(block, prefetch);
+            __m512 low[4], high[4]; /* each row's 32 bf16 as two times 16 fp32 (bf16 is the top half of an fp32) */
+            for (int j = 0; j < 4; j++) {
+                __m512i pairs = _mm512_loadu_si512((const void *)(block + 64 * j));
+                low[j] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+                high[j] = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xFFFF0000)));
+            }
+            for (int r = 0; r < R; r++) {
+                __m512 x_low = _mm512_loadu_ps(x + r * x_stride + i), x_high = _mm512_loadu_ps(x + r * x_stride + i + 16);
+                for (int j = 0; j < 4; j++)
+                    acc[r][j] = _mm512_fmadd_ps(high[j], x_high, _mm512_fmadd_ps(low[j], x_low, acc[r][j]));
+            }
         }
     }
     for (int r = 0; r < R; r++)
@@ -131,18 +159,20 @@ INLINE void dot_rows(int R, int bf16, const void *w, long w_stride, int in, cons
 
 #define BF16_TARGET __attribute__((target("avx512bf16")))
 
-/* dot_rows on bf16 pairs: four bf16 weight rows against `R` input rows already rounded to bf16, 32 products a
-   vdpbf16ps; fp32 sums */
-BF16_TARGET INLINE void dot_pairs(int R, const uint16_t *w, long w_stride, int in, const uint16_t *x, long x_stride,
-                                  float *y, long y_stride, int accumulate) {
+/* dot_rows on bf16 pairs: one packed group of four bf16 weight rows against `R` input rows already rounded to
+   bf16, 32 products a vdpbf16ps; fp32 sums */
+BF16_TARGET INLINE void dot_pairs(int R, const void *group, int in, const uint16_t *x, long x_stride, float *y,
+                                  long y_stride, int accumulate, long prefetch) {
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-    for (int i = 0; i < in; i += 32) {
-        for (int j = 4; j < 8; j++) _mm_prefetch((const char *)(w + j * w_stride + i), _MM_HINT_T1);
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + w_stride + i);
-        __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 2 * w_stride + i);
-        __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 3 * w_stride + i);
+    const char *block = group;
+    for (int i = 0; i < in; i += 32, block += GROUP_BYTES) {
+        prefetch_ahead(block, prefetch);
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)block);
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(block + 64));
+        __m512bh w2 = (__m512bh)_mm512_loadu_si512((const void *)(block + 128));
+        __m512bh w3 = (__m512bh)_mm512_loadu_si512((const void *)(block + 192));
         for (int r = 0; r < R; r++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * x_stride + i);
             acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
@@ -158,63 +188,70 @@ BF16_TARGET INLINE void dot_pairs(int R, const uint16_t *w, long w_stride, int i
         }
 }
 
-BF16_TARGET static void dot_pairs_rows(int R, const uint16_t *w, long w_stride, int in, const uint16_t *x,
-                                       long x_stride, float *y, long y_stride, int accumulate) {
+BF16_TARGET static void dot_pairs_rows(int R, const void *group, int in, const uint16_t *x, long x_stride, float *y,
+                                       long y_stride, int accumulate, long prefetch) {
     switch (R) { /* constants keep the accumulators in registers */
-    case 4: dot_pairs(4, w, w_stride, in, x, x_stride, y, y_stride, accumulate); break;
-    case 3: dot_pairs(3, w, w_stride, in, x, x_stride, y, y_stride, accumulate); break;
-    case 2: dot_pairs(2, w, w_stride, in, x, x_stride, y, y_stride, accumulate); break;
-    default: dot_pairs(1, w, w_stride, in, x, x_stride, y, y_stride, accumulate); break;
+    case 4: dot_pairs(4, group, in, x, x_stride, y, y_stride, accumulate, prefetch); break;
+    case 3: dot_pairs(3, group, in, x, x_stride, y, y_stride, accumulate, prefetch); break;
+    case 2: dot_pairs(2, group, in, x, x_stride, y, y_stride, accumulate, prefetch); break;
+    default: dot_pairs(1, group, in, x, x_stride, y, y_stride, accumulate, prefetch); break;
     }
 }
 
-/* rows x (rows, in; stride x_stride) rounded to nearest even bf16 into `out` (rows, in) */
+/* rows x (rows, in; stride x_stride) rounded to nearest even bf16 into `out` (rows, in), each block of 32 in the
+   packed weights' pair order: (i + k, i + 16 + k) */
 BF16_TARGET static void rows_to_bf16(const float *x, long x_stride, int rows, int in, uint16_t *out) {
     for (int r = 0; r < rows; r++)
-        for (int i = 0; i < in; i += 16)
-            _mm256_storeu_si256((__m256i *)(out + (long)r * in + i),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * x_stride + i)));
+        for (int i = 0; i < in; i += 32) {
+            __m512i low = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * x_stride + i)));
+            __m512i high = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * x_stride + i + 16)));
+            _mm512_storeu_si512(out + (long)r * in + i, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+        }
 }
 
-/* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of W (out, in); with
-   `gelu`, y[b][lo:hi] = GELU(W[lo:hi] x[b]) (the MLP's up-projection, so that no barrier separates the two) */
+/* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of the packed W (out, in);
+   with `gelu`, y[b][lo:hi] = GELU(W[lo:hi] x[b]) (the MLP's up-projection, so that no barrier separates the two) */
 static void product(const Step *s, int id, const void *W, int out, int in, const float *x, long x_stride, float *y,
                     long y_stride, int accumulate, int gelu) {
     const int bf16 = s->m->weights_bf16, pairs = s->m->products_bf16;
-    const int quads = (out + 3) / 4, lo = 4 * (int)((long)quads * id / s->threads);
-    const int hi = 4 * (int)((long)quads * (id + 1) / s->threads);
+    const int groups = (out + 3) / 4, lo = 4 * (int)((long)groups * id / s->threads);
+    const int hi = 4 * (int)((long)groups * (id + 1) / s->threads);
+    const long group_bytes = (long)in * 4 * (bf16 ? 2 : 4);
+    /* One pass over a group per four input rows. A single pass streams: prefetch PREFETCH_BYTES ahead of it.
+       Several passes compute more than they load (batch 16): the first prefetches the next group whole, one
+       group ahead, so that its loads overlap the passes' arithmetic; the later ones prefetch nothing. */
+    const long ahead = s->m->batch > 4 && group_bytes > PREFETCH_BYTES ? group_bytes : PREFETCH_BYTES;
     uint16_t *x16 = s->rows_bf16[id];
     if (pairs) rows_to_bf16(x, x_stride, s->m->batch, in, x16); /* each thread its own copy: no barrier */
     for (int o = lo; o < hi && o < out; o += 4) {
-        const int count = out - o < 4 ? out - o : 4; /* a last, partial group: one row at a time, repeated */
-        for (int j = 0; j < (count == 4 ? 1 : count); j++) {
-            const void *w = weight_address(W, (long)(o + j) * in, bf16);
-            const long w_stride = count == 4 ? in : 0;
-            for (int b = 0; b < s->m->batch; b += 4) {
-                const int rows = s->m->batch - b < 4 ? s->m->batch - b : 4;
-                const float *xb = x + b * x_stride;
-                float spare[4 * 4];
-                float *target = count == 4 ? y + b * y_stride + o : spare;
-                const long stride = count == 4 ? y_stride : 4;
-                const int add = count == 4 && accumulate;
-                if (pairs)
-                    dot_pairs_rows(rows, w, w_stride, in, x16 + (long)b * in, in, target, stride, add);
-                else switch (rows + 4 * bf16) { /* constants keep the accumulators in registers */
-                case 4: dot_rows(4, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                case 3: dot_rows(3, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                case 2: dot_rows(2, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                case 1: dot_rows(1, 0, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                case 8: dot_rows(4, 1, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                case 7: dot_rows(3, 1, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                case 6: dot_rows(2, 1, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                default: dot_rows(1, 1, w, w_stride, in, xb, x_stride, target, stride, add); break;
-                }
-                if (count < 4)
-                    for (int r = 0; r < rows; r++) {
-                        float *at = y + (b + r) * y_stride + o + j;
-                        *at = accumulate ? *at + spare[4 * r] : spare[4 * r];
-                    }
+        const int count = out - o < 4 ? out - o : 4; /* a last group padded with zero rows: its valid outputs */
+        const char *group = (const char *)W + (long)(o / 4) * group_bytes;
+        for (int b = 0; b < s->m->batch; b += 4) {
+            const int rows = s->m->batch - b < 4 ? s->m->batch - b : 4;
+            const float *xb = x + b * x_stride;
+            float spare[4 * 4];
+            float *target = count == 4 ? y + b * y_stride + o : spare;
+            const long stride = count == 4 ? y_stride : 4;
+            const int add = count == 4 && accumulate;
+            const long pf = b == 0 ? ahead : 0;
+            if (pairs)
+                dot_pairs_rows(rows, group, in, x16 + (long)b * in, in, target, stride, add, pf);
+            else switch (rows + 4 * bf16) { /* constants keep the accumulators in registers */
+            case 4: dot_rows(4, 0, group, in, xb, x_stride, target, stride, add, pf); break;
+            case 3: dot_rows(3, 0, group, in, xb, x_stride, target, stride, add, pf); break;
+            case 2: dot_rows(2, 0, group, in, xb, x_stride, target, stride, add, pf); break;
+            case 1: dot_rows(1, 0, group, in, xb, x_stride, target, stride, add, pf); break;
+            case 8: dot_rows(4, 1, group, in, xb, x_stride, target, stride, add, pf); break;
+            case 7: dot_rows(3, 1, group, in, xb, x_stride, target, stride, add, pf); break;
+            case 6: dot_rows(2, 1, group, in, xb, x_stride, target, stride, add, pf); break;
+            default: dot_rows(1, 1, group, in, xb, x_stride, target, stride, add, pf); break;
             }
+            if (count < 4)
+                for (int r = 0; r < rows; r++)
+                    for (int j = 0; j < count; j++) {
+                        float *at = y + (b + r) * y_stride + o + j;
+                        *at = accumulate ? *at + spare[4 * r + j] : spare[4 * r + j];
+                    }
         }
     }
     for (int b = 0; gelu && b < s->m->batch; b++)
@@ -383,7 +420,8 @@ long f32_decode_workspace(const Model *m) {
 int f32_decode_step(const Model *m, const long *tokens, long token_stride, long position, int cross_length,
                     int num_latents, int append, int threads, float *logits, float *workspace) {
     if (m->d_model % 16 || m->hidden % 16 || m->head_dim % 16 || m->head_dim > 128 || cross_length < 1) return 1;
-    if (m->products_bf16 && (!m->weights_bf16 || m->d_model % 32 || m->hidden % 32)) return 1;
+    if (m->weights_bf16 && (m->d_model % 32 || m->hidden % 32)) return 1; /* bf16 blocks of 32 */
+    if (m->products_bf16 && !m->weights_bf16) return 1;
     /* the position's rotary tables, in double and then rounded, as model.rotary_tables computes them */
     float cos_table[64], sin_table[64];
     if (m->rotary_half > 64) return 1;
@@ -409,8 +447,8 @@ int f32_decode_step(const Model *m, const long *tokens, long token_stride, long 
     return 0;
 }
 
-/* y (rows, out) = x (rows, in) W^T with the step's own product: lets `perceiver bench --efficiency` measure the
-   streaming bandwidth with every matvec kernel a step may use. */
+/* y (rows, out) = x (rows, in) W^T with the step's own product, W (out, in) fp32 packed by cpu_decode.pack: lets
+   `perceiver bench --efficiency` measure the streaming bandwidth with every matvec kernel a step may use. */
 int f32_matvec(const float *W, int out, int in, const float *x, int rows, float *y, int threads) {
     if (in % 16 || rows < 1) return 1;
     Model m = {0};

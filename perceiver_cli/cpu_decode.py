@@ -122,19 +122,17 @@ class FusedStep:
             for b in blocks
             for product in (b.attention.query, b.attention.key_value, b.attention.out, b.mlp.up, b.mlp.down)
         ]
-        self.weights_bf16 = all(w.dtype == torch.bfloat16 for w in matrices)
+        hidden = int(c.d_model * c.mlp_ratio)
+        self.weights_bf16 = (
+            all(w.dtype == torch.bfloat16 for w in matrices) and c.d_model % 32 == 0 and hidden % 32 == 0
+        )
         if not self.weights_bf16:
-            source = model  # fp32 copies or a mix: the model's own fp32 matrices
+            source = model  # fp32 copies, a mix, or sizes bf16 blocks do not divide: the model's own fp32 matrices
         # From BF16_PRODUCTS_ROWS rows on, the products are compute-bound (0.9 GFLOP a step of the bench config at
         # batch 16): with bf16 weights and AVX512-BF16 they take their input rows rounded to bf16 and run on
         # vdpbf16ps, twice the multiply-adds an instruction (BENCHMARKS.md "bf16 products"). One row stays fp32.
-        hidden = int(c.d_model * c.mlp_ratio)
         self.products_bf16 = (
-            self.weights_bf16
-            and state.batch >= BF16_PRODUCTS_ROWS
-            and "avx512_bf16" in cpu_flags()
-            and c.d_model % 32 == 0
-            and hidden % 32 == 0
+            self.weights_bf16 and state.batch >= BF16_PRODUCTS_ROWS and "avx512_bf16" in cpu_flags()
         )
 
         def address(t: Tensor) -> int:
@@ -144,6 +142,9 @@ class FusedStep:
             self.keep.append(t)
             return t.data_ptr()
 
+        def packed(weight: Tensor) -> int:  # a copy in the layout the products stream (pack)
+            return address(pack(weight.detach()))
+
         def block(module, products, keys: Tensor, values: Tensor) -> _Block:
             norm = module.norm_query if hasattr(module, "norm_query") else module.norm
             attention = products.attention
@@ -151,9 +152,9 @@ class FusedStep:
             self.keep += [keys, values]
             return _Block(
                 address(norm.weight), address(norm.bias),
-                address(attention.query.weight), address(attention.key_value.weight), address(attention.out.weight),
+                packed(attention.query.weight), packed(attention.key_value.weight), packed(attention.out.weight),
                 address(module.norm_mlp.weight), address(module.norm_mlp.bias),
-                address(products.mlp.up.weight), address(products.mlp.down.weight),
+                packed(products.mlp.up.weight), packed(products.mlp.down.weight),
                 keys.data_ptr(), values.data_ptr(), (ctypes.c_long * 4)(*keys.stride()),
             )  # fmt: skip
 
@@ -171,7 +172,7 @@ class FusedStep:
             c.vocab_size, c.num_layers, int(self.weights_bf16), int(state.cross_key.dtype == torch.bfloat16),
             int(self.products_bf16), model.final_norm.eps,
             address(model.embedding.weight), address(model.final_norm.weight), address(model.final_norm.bias),
-            address(source.head.weight),
+            packed(source.head.weight),
             address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),
             ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
             ctypes.cast(self.inverse_frequencies, ctypes.POINTER(ctypes.c_double)),
@@ -201,12 +202,38 @@ class FusedStep:
         return self.logits.clone()
 
 
-def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (rows, in) @ weight (out, in)^T by the fused step's own product, fp32 (for benchmarks and tests)."""
-    x, weight = x.contiguous(), weight.contiguous()
-    y = torch.empty(x.shape[0], weight.shape[0])
+def pack(weight: Tensor) -> Tensor:
+    """An (out, in) fp32 or bf16 weight in the layout cpu_decode.c's products stream: per group of four output
+    rows (the last padded with zero rows), 64-byte blocks of the four rows in turn; a bf16 block holds elements
+    i..i+31 of its row as pairs (i + k, i + 16 + k). `in` must be a multiple of 16 (fp32) or 32 (bf16)."""
+    out, inner = weight.shape
+    per_block = 16 if weight.dtype == torch.float32 else 32
+    if weight.dtype not in (torch.float32, torch.bfloat16) or inner % per_block:
+        raise ValueError(f"cannot pack a {tuple(weight.shape)} {weight.dtype} weight")
+    groups = -(-out // 4)
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, 4 * groups - out))
+    if per_block == 16:  # [group][block][row of 4][16 values]
+        return padded.reshape(groups, 4, inner // 16, 16).permute(0, 2, 1, 3).contiguous()
+    # [group][block][row of 4][16 pairs (k, 16 + k)]
+    return padded.reshape(groups, 4, inner // 32, 2, 16).permute(0, 2, 1, 4, 3).contiguous()
+
+
+class PackedWeight:
+    """An fp32 weight packed once for `linear` (pack)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.data = pack(weight.float())
+
+
+def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
+    """x (rows, in) @ weight (out, in)^T by the fused step's own product, fp32 (for benchmarks and tests); pass a
+    PackedWeight to time the product without the packing."""
+    packed = weight if isinstance(weight, PackedWeight) else PackedWeight(weight)
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], packed.out_features)
     status = _kernel()[2](
-        weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
+        packed.data.data_ptr(), packed.out_features, packed.in_features, x.data_ptr(), x.shape[0], y.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     if status:

@@ -269,3 +269,19 @@ def test_bf16_products_for_batches_round_only_the_product_inputs():
             model, prefilled_state(model, 1, 50, step_model(model, torch.float32))[0], weights
         )
         assert not single.products_bf16  # one row stays fp32: memory-bound, nothing to gain
+
+
+def test_pack_lays_out_groups_of_four_rows_in_64_byte_blocks():
+    weight = torch.arange(7 * 64, dtype=torch.float32).reshape(7, 64)  # 7 rows: the second group padded
+    packed = cpu_decode.pack(weight).reshape(-1)
+    group, block, row = 1, 2, 2  # row 6, elements 32..47
+    start = (group * 4 * 64) + block * 4 * 16 + row * 16
+    assert torch.equal(packed[start : start + 16], weight[6, 32:48])
+    assert torch.equal(packed[(4 * 64) + 3 * 16 : (4 * 64) + 4 * 16], torch.zeros(16))  # the padding row
+    rounded = weight.to(torch.bfloat16)
+    halves = cpu_decode.pack(rounded).reshape(-1)  # bf16: 32 a block, pairs (k, 16 + k)
+    start = (group * 4 * 64) + 1 * 4 * 32 + row * 32  # row 6, block 1: elements 32..63
+    pairs = halves[start : start + 32].reshape(16, 2)
+    assert torch.equal(pairs[:, 0], rounded[6, 32:48]) and torch.equal(pairs[:, 1], rounded[6, 48:64])
+    with pytest.raises(ValueError, match="cannot pack"):
+        cpu_decode.pack(torch.zeros(4, 48, dtype=torch.bfloat16))

@@ -68,7 +68,8 @@ def _matvec_kernels(num_elements: int) -> tuple[list, int]:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(vector, packed, None, "none", [], ""))
     if cpu_decode.available():
-        kernels.append(lambda: cpu_decode.linear(vector, weight))
+        packed_weight = cpu_decode.PackedWeight(weight)  # packed once, as the C step's weights are
+        kernels.append(lambda: cpu_decode.linear(vector, packed_weight))
     return kernels, weight.numel() * 4
 
 
