@@ -180,6 +180,10 @@ def load_checkpoint(
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{weights}: unreadable safetensors file ({error})") from None
     state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
+    # NaN or inf weights give NaN logits, which sampling (an argmax of probabilities over noise) does not refuse
+    broken = [key for key, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise CheckpointError(f"{weights}: non-finite weights (NaN or inf) in {', '.join(broken[:3])}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if not (key == "head.weight" and config.tie_embeddings)]
     if missing or unexpected:

@@ -190,8 +190,14 @@ class FusedStep:
         """Logits (B, V) of the newest tokens, column `position` of `tokens` (B, T) (int64, e.g. DecodeState.tokens:
         the kernel reads the column in place); writes their latent keys/values at slot num_latents, and with
         `append` also their cross-attention keys/values at slot cross_length - 1."""
-        if tokens.dtype != torch.long or tokens.dim() != 2 or not 0 <= position < tokens.shape[1]:
-            raise ValueError(f"tokens must be a (batch, length) int64 tensor with column {position}")
+        if (
+            tokens.dtype != torch.long
+            or tokens.device.type != "cpu"
+            or tokens.dim() != 2
+            or tokens.shape[0] != self.batch
+            or not 0 <= position < tokens.shape[1]
+        ):
+            raise ValueError(f"tokens must be a ({self.batch}, length) int64 CPU tensor with column {position}")
         column = tokens.data_ptr() + position * tokens.stride(1) * tokens.element_size()
         status = self.step(
             self.spec_reference, column, tokens.stride(0), position, cross_length, num_latents,

@@ -56,6 +56,15 @@ def test_tampered_weights_fail_the_hash(saved):
         load_checkpoint(path)
 
 
+def test_non_finite_weights_are_refused(saved, tmp_path):
+    _, model = saved
+    with torch.no_grad():
+        model.layers[0].mlp.up.weight[0, 0] = float("nan")
+    path = save_checkpoint(tmp_path / "nan", model, MusicCodec())  # its hash matches: only the values are wrong
+    with pytest.raises(CheckpointError, match=r"non-finite weights .* layers\.0\.mlp\.up\.weight"):
+        load_checkpoint(path)
+
+
 def test_missing_weights_and_unknown_format(saved):
     path, _ = saved
     meta = json.loads((path / "config.json").read_text())
