@@ -16,7 +16,7 @@
    layer's cache, into which the step writes its own key and value at slot `num_latents`; then the final norm
    and the head give its logits.
    Pre-LayerNorm blocks (eps from the model), rotary on the first 2 * rotary_half dims of each head in
-   half-split pairs, exact GELU, nn.Linear weights without biases, row-major (out, in).
+   half-split pairs, exact GELU, nn.Linear weights without biases, packed by cpu_decode.pack (below).
    Built by perceiver_cli/cpu_kernels.py with the system C compiler; no PyTorch headers. */
 #include <immintrin.h>
 #include <math.h>
