@@ -168,7 +168,7 @@ class FusedStep:
             *(c.rotary_base ** (-(2 * i) / c.rotary_dim) for i in range(half))
         )
         self.spec = _Model(
-            state.batch, c.d_model, c.num_heads, c.head_dim, c.rotary_dim // 2, int(c.d_model * c.mlp_ratio),
+            state.batch, c.d_model, c.num_heads, c.head_dim, half, hidden,
             c.vocab_size, c.num_layers, int(self.weights_bf16), int(state.cross_key.dtype == torch.bfloat16),
             int(self.products_bf16), model.final_norm.eps,
             address(model.embedding.weight), address(model.final_norm.weight), address(model.final_norm.bias),
