@@ -64,6 +64,7 @@ typedef struct {
     float *hidden, *query, *key_value, *mixed, *up; /* shared, per row: D, D, 2D, D, F */
     long scores_length;
     uint16_t *rows_bf16[MAX_THREADS]; /* each thread's bf16 copy of a product's input rows (products_bf16) */
+    __m512 *saved[MAX_THREADS]; /* each thread's accumulators of a product's passes between chunks (product) */
 } Step;
 
 static void barrier(Step *s) {
@@ -102,27 +103,59 @@ INLINE __m512 load_weights(const void *w, long at, int bf16) {
    four streams of 2-8 KB each, and the step's products read at ~80% of one big matvec when this VM's memory was
    fast, against ~95% packed (benchmarks/ab/matvec_shapes.c, BENCHMARKS.md "Packed weights"). */
 #define GROUP_BYTES 256     /* one block of each of the four rows */
-#define PREFETCH_BYTES 4096 /* how far ahead of its loads one pass over the stream prefetches it into L2 */
+#define PREFETCH_BYTES 4096 /* how far ahead of its loads a single pass over the stream prefetches it into L2 */
+#define CHUNK_BLOCKS 32     /* with several passes, a group is taken in chunks of this many blocks (8 KB) */
 
-/* the 256 bytes `distance` past `block` into L2 (distance 0: none) */
-INLINE void prefetch_ahead(const char *block, long distance) {
-    if (distance)
-        for (int line = 0; line < GROUP_BYTES; line += 64) _mm_prefetch(block + distance + line, _MM_HINT_T1);
+/* A pass over a chunk of a group, one of several (`chunked`, below): its accumulators come from `saved` unless
+   it is the group's first chunk and go back there unless it is the last, where they are summed into y; with each
+   block it prefetches `lines` cache lines from `prefetch` on into L2 (its share of the next group's chunk). */
+typedef struct {
+    __m512 *saved;
+    int first, last;
+    const char *prefetch;
+    int lines;
+} Chunk;
+
+/* a pass's prefetches into L2 with one block: a single pass, the 256 bytes PREFETCH_BYTES past it; a chunked
+   pass, its next lines of the next group */
+INLINE void prefetch_block(int chunked, const char *block, Chunk *chunk) {
+    if (!chunked)
+        for (int line = 0; line < GROUP_BYTES; line += 64) _mm_prefetch(block + PREFETCH_BYTES + line, _MM_HINT_T1);
+    else {
+        for (int line = 0; line < chunk->lines; line++) _mm_prefetch(chunk->prefetch + 64 * line, _MM_HINT_T1);
+        chunk->prefetch += 64 * chunk->lines;
+    }
+}
+
+/* the accumulators at the end of a pass: kept for the next chunk, or summed into y */
+INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumulate, int last, __m512 *saved) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) {
+            if (!last) {
+                saved[4 * r + j] = acc[r][j];
+                continue;
+            }
+            float sum = _mm512_reduce_add_ps(acc[r][j]);
+            y[r * y_stride + j] = accumulate ? y[r * y_stride + j] + sum : sum;
+        }
 }
 
 /* One packed group of four weight rows against `R` input rows: y[r][o] (+)= w_o . x[r]; each weight is read once
    for all R. fp32 weights: 16 values a block; bf16 weights: 32, widened to fp32 as they are loaded (the
-   arithmetic stays fp32). Past the end of the matrix the prefetches are hints to addresses that may not exist,
-   which x86 ignores. */
-INLINE void dot_rows(int R, int bf16, const void *group, int in, const float *x, long x_stride, float *y,
-                     long y_stride, int accumulate, long prefetch) {
+   arithmetic stays fp32). `chunked` (a constant at each call, so that each case is its own loop): 0, the single
+   pass over a whole group, which streams the matrix and prefetches it PREFETCH_BYTES ahead; 1, a pass over one
+   chunk of a group (Chunk). Past the end of the matrix the prefetches are hints to addresses that may not
+   exist, which x86 ignores. */
+INLINE void dot_rows(int R, int bf16, int chunked, const void *group, int in, const float *x, long x_stride,
+                     float *y, long y_stride, int accumulate, Chunk chunk) {
+    const int first = !chunked || chunk.first, last = !chunked || chunk.last;
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        for (int j = 0; j < 4; j++) acc[r][j] = first ? _mm512_setzero_ps() : chunk.saved[4 * r + j];
     const char *block = group;
     if (!bf16) {
         for (int i = 0; i < in; i += 16, block += GROUP_BYTES) {
-            prefetch_ahead(block, prefetch);
+            prefetch_block(chunked, block, &chunk);
             const float *w = (const float *)block;
             __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
             __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
@@ -136,7 +169,7 @@ INLINE void dot_rows(int R, int bf16, const void *group, int in, const float *x,
         }
     } else {
         for (int i = 0; i < in; i += 32, block += GROUP_BYTES) {
-            prefetch_ahead(block, prefetch);
+            prefetch_block(chunked, block, &chunk);
             __m512 low[4], high[4]; /* each row's 32 bf16 as two times 16 fp32 (bf16 is the top half of an fp32) */
             for (int j = 0; j < 4; j++) {
                 __m512i pairs = _mm512_loadu_si512((const void *)(block + 64 * j));
@@ -150,25 +183,22 @@ INLINE void dot_rows(int R, int bf16, const void *group, int in, const float *x,
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < 4; j++) {
-            float sum = _mm512_reduce_add_ps(acc[r][j]);
-            y[r * y_stride + j] = accumulate ? y[r * y_stride + j] + sum : sum;
-        }
+    finish(R, acc, y, y_stride, accumulate, last, chunk.saved);
 }
 
 #define BF16_TARGET __attribute__((target("avx512bf16")))
 
 /* dot_rows on bf16 pairs: one packed group of four bf16 weight rows against `R` input rows already rounded to
    bf16, 32 products a vdpbf16ps; fp32 sums */
-BF16_TARGET INLINE void dot_pairs(int R, const void *group, int in, const uint16_t *x, long x_stride, float *y,
-                                  long y_stride, int accumulate, long prefetch) {
+BF16_TARGET INLINE void dot_pairs(int R, int chunked, const void *group, int in, const uint16_t *x, long x_stride,
+                                  float *y, long y_stride, int accumulate, Chunk chunk) {
+    const int first = !chunked || chunk.first, last = !chunked || chunk.last;
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        for (int j = 0; j < 4; j++) acc[r][j] = first ? _mm512_setzero_ps() : chunk.saved[4 * r + j];
     const char *block = group;
     for (int i = 0; i < in; i += 32, block += GROUP_BYTES) {
-        prefetch_ahead(block, prefetch);
+        prefetch_block(chunked, block, &chunk);
         __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)block);
         __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(block + 64));
         __m512bh w2 = (__m512bh)_mm512_loadu_si512((const void *)(block + 128));
@@ -181,20 +211,44 @@ BF16_TARGET INLINE void dot_pairs(int R, const void *group, int in, const uint16
             acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xv);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < 4; j++) {
-            float sum = _mm512_reduce_add_ps(acc[r][j]);
-            y[r * y_stride + j] = accumulate ? y[r * y_stride + j] + sum : sum;
-        }
+    finish(R, acc, y, y_stride, accumulate, last, chunk.saved);
 }
 
-BF16_TARGET static void dot_pairs_rows(int R, const void *group, int in, const uint16_t *x, long x_stride, float *y,
-                                       long y_stride, int accumulate, long prefetch) {
-    switch (R) { /* constants keep the accumulators in registers */
-    case 4: dot_pairs(4, group, in, x, x_stride, y, y_stride, accumulate, prefetch); break;
-    case 3: dot_pairs(3, group, in, x, x_stride, y, y_stride, accumulate, prefetch); break;
-    case 2: dot_pairs(2, group, in, x, x_stride, y, y_stride, accumulate, prefetch); break;
-    default: dot_pairs(1, group, in, x, x_stride, y, y_stride, accumulate, prefetch); break;
+#define ARGUMENTS group, in, x, x_stride, y, y_stride, accumulate, chunk
+
+BF16_TARGET static void dot_pairs_rows(int R, int chunked, const void *group, int in, const uint16_t *x,
+                                       long x_stride, float *y, long y_stride, int accumulate, Chunk chunk) {
+    switch (R + 4 * chunked) { /* constants keep the accumulators in registers */
+    case 4: dot_pairs(4, 0, ARGUMENTS); break;
+    case 3: dot_pairs(3, 0, ARGUMENTS); break;
+    case 2: dot_pairs(2, 0, ARGUMENTS); break;
+    case 1: dot_pairs(1, 0, ARGUMENTS); break;
+    case 8: dot_pairs(4, 1, ARGUMENTS); break;
+    case 7: dot_pairs(3, 1, ARGUMENTS); break;
+    case 6: dot_pairs(2, 1, ARGUMENTS); break;
+    default: dot_pairs(1, 1, ARGUMENTS); break;
+    }
+}
+
+INLINE void dot_rows_any(int R, int bf16, int chunked, const void *group, int in, const float *x, long x_stride,
+                         float *y, long y_stride, int accumulate, Chunk chunk) {
+    switch (R + 4 * bf16 + 8 * chunked) { /* constants keep the accumulators in registers */
+    case 4: dot_rows(4, 0, 0, ARGUMENTS); break;
+    case 3: dot_rows(3, 0, 0, ARGUMENTS); break;
+    case 2: dot_rows(2, 0, 0, ARGUMENTS); break;
+    case 1: dot_rows(1, 0, 0, ARGUMENTS); break;
+    case 8: dot_rows(4, 1, 0, ARGUMENTS); break;
+    case 7: dot_rows(3, 1, 0, ARGUMENTS); break;
+    case 6: dot_rows(2, 1, 0, ARGUMENTS); break;
+    case 5: dot_rows(1, 1, 0, ARGUMENTS); break;
+    case 12: dot_rows(4, 0, 1, ARGUMENTS); break;
+    case 11: dot_rows(3, 0, 1, ARGUMENTS); break;
+    case 10: dot_rows(2, 0, 1, ARGUMENTS); break;
+    case 9: dot_rows(1, 0, 1, ARGUMENTS); break;
+    case 16: dot_rows(4, 1, 1, ARGUMENTS); break;
+    case 15: dot_rows(3, 1, 1, ARGUMENTS); break;
+    case 14: dot_rows(2, 1, 1, ARGUMENTS); break;
+    default: dot_rows(1, 1, 1, ARGUMENTS); break;
     }
 }
 
@@ -209,49 +263,68 @@ BF16_TARGET static void rows_to_bf16(const float *x, long x_stride, int rows, in
         }
 }
 
+/* One pass of `product`: input rows b.. (up to four) against the group (or chunk of it) at `part`, `width` values
+   of each row from column c on, into y's columns o..o+3 (`count` of them valid: a last group's padding rows go
+   to a spare). */
+INLINE void pass_rows(const Step *s, int chunked, const char *part, int width, int c, int in, const float *x,
+                      long x_stride, const uint16_t *x16, float *y, long y_stride, int accumulate, int o, int count,
+                      int b, Chunk chunk) {
+    const int rows = s->m->batch - b < 4 ? s->m->batch - b : 4;
+    float spare[4 * 4];
+    float *target = count == 4 ? y + b * y_stride + o : spare;
+    const long stride = count == 4 ? y_stride : 4;
+    const int add = count == 4 && accumulate;
+    if (s->m->products_bf16)
+        dot_pairs_rows(rows, chunked, part, width, x16 + (long)b * in + c, in, target, stride, add, chunk);
+    else
+        dot_rows_any(rows, s->m->weights_bf16, chunked, part, width, x + b * x_stride + c, x_stride, target, stride,
+                     add, chunk);
+    if (count < 4 && (!chunked || chunk.last))
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < count; j++) {
+                float *at = y + (b + r) * y_stride + o + j;
+                *at = accumulate ? *at + spare[4 * r + j] : spare[4 * r + j];
+            }
+}
+
 /* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of the packed W (out, in);
-   with `gelu`, y[b][lo:hi] = GELU(W[lo:hi] x[b]) (the MLP's up-projection, so that no barrier separates the two) */
+   with `gelu`, y[b][lo:hi] = GELU(W[lo:hi] x[b]) (the MLP's up-projection, so that no barrier separates the two).
+   One pass over a group per four input rows. Up to four rows: a single pass streams the matrix and prefetches
+   it as it goes. Several passes (batches) compute more than they load: the group is taken in chunks of
+   CHUNK_BLOCKS blocks, each chunk by every pass in turn while it is in L1 (a pass keeps its accumulators between
+   chunks: the same sums in the same order), and each of the first four passes over a chunk prefetches its share
+   of the same chunk of the next group as it goes, so that the next group's loads are spread over the passes'
+   arithmetic. Whole groups (32 KB for the MLP's down-projection, as much as L1 beside four input rows), with the
+   next group prefetched by the first pass alone, left a batch-16 step's products ~20% slower (BENCHMARKS.md
+   "Stop 29"). */
 static void product(const Step *s, int id, const void *W, int out, int in, const float *x, long x_stride, float *y,
                     long y_stride, int accumulate, int gelu) {
-    const int bf16 = s->m->weights_bf16, pairs = s->m->products_bf16;
     const int groups = (out + 3) / 4, lo = 4 * (int)((long)groups * id / s->threads);
     const int hi = 4 * (int)((long)groups * (id + 1) / s->threads);
-    const long group_bytes = (long)in * 4 * (bf16 ? 2 : 4);
-    /* One pass over a group per four input rows. A single pass streams: prefetch PREFETCH_BYTES ahead of it.
-       Several passes compute more than they load (batch 16): the first prefetches the next group whole, one
-       group ahead, so that its loads overlap the passes' arithmetic; the later ones prefetch nothing. */
-    const long ahead = s->m->batch > 4 && group_bytes > PREFETCH_BYTES ? group_bytes : PREFETCH_BYTES;
+    const int per_block = s->m->weights_bf16 ? 32 : 16; /* a row's values in one block */
+    const long group_bytes = (long)in / per_block * GROUP_BYTES;
+    /* the first (up to) four passes over a chunk prefetch the next group's chunk, in equal shares */
+    const int passes = (s->m->batch + 3) / 4, sharers = passes < 4 ? passes : 4, lines = (4 + sharers - 1) / sharers;
     uint16_t *x16 = s->rows_bf16[id];
-    if (pairs) rows_to_bf16(x, x_stride, s->m->batch, in, x16); /* each thread its own copy: no barrier */
+    if (s->m->products_bf16) rows_to_bf16(x, x_stride, s->m->batch, in, x16); /* each thread its own copy */
+    const Chunk whole = {s->saved[id], 1, 1, NULL, 0}; /* a single pass: the whole group at once */
     for (int o = lo; o < hi && o < out; o += 4) {
         const int count = out - o < 4 ? out - o : 4; /* a last group padded with zero rows: its valid outputs */
         const char *group = (const char *)W + (long)(o / 4) * group_bytes;
-        for (int b = 0; b < s->m->batch; b += 4) {
-            const int rows = s->m->batch - b < 4 ? s->m->batch - b : 4;
-            const float *xb = x + b * x_stride;
-            float spare[4 * 4];
-            float *target = count == 4 ? y + b * y_stride + o : spare;
-            const long stride = count == 4 ? y_stride : 4;
-            const int add = count == 4 && accumulate;
-            const long pf = b == 0 ? ahead : 0;
-            if (pairs)
-                dot_pairs_rows(rows, group, in, x16 + (long)b * in, in, target, stride, add, pf);
-            else switch (rows + 4 * bf16) { /* constants keep the accumulators in registers */
-            case 4: dot_rows(4, 0, group, in, xb, x_stride, target, stride, add, pf); break;
-            case 3: dot_rows(3, 0, group, in, xb, x_stride, target, stride, add, pf); break;
-            case 2: dot_rows(2, 0, group, in, xb, x_stride, target, stride, add, pf); break;
-            case 1: dot_rows(1, 0, group, in, xb, x_stride, target, stride, add, pf); break;
-            case 8: dot_rows(4, 1, group, in, xb, x_stride, target, stride, add, pf); break;
-            case 7: dot_rows(3, 1, group, in, xb, x_stride, target, stride, add, pf); break;
-            case 6: dot_rows(2, 1, group, in, xb, x_stride, target, stride, add, pf); break;
-            default: dot_rows(1, 1, group, in, xb, x_stride, target, stride, add, pf); break;
+        if (passes == 1) {
+            pass_rows(s, 0, group, in, 0, in, x, x_stride, x16, y, y_stride, accumulate, o, count, 0, whole);
+            continue;
+        }
+        for (int c = 0; c < in; c += CHUNK_BLOCKS * per_block) {
+            const int width = in - c < CHUNK_BLOCKS * per_block ? in - c : CHUNK_BLOCKS * per_block;
+            const char *part = group + (long)(c / per_block) * GROUP_BYTES;
+            const long quarter = (long)width / per_block * GROUP_BYTES / 4; /* of the chunk's bytes */
+            for (int b = 0; b < s->m->batch; b += 4) {
+                const int index = b / 4;
+                const Chunk chunk = {s->saved[id] + 16 * index, c == 0, c + width == in,
+                                     part + group_bytes + index * quarter * lines, index < sharers ? lines : 0};
+                pass_rows(s, 1, part, width, c, in, x, x_stride, x16, y, y_stride, accumulate, o, count, b, chunk);
             }
-            if (count < 4)
-                for (int r = 0; r < rows; r++)
-                    for (int j = 0; j < count; j++) {
-                        float *at = y + (b + r) * y_stride + o + j;
-                        *at = accumulate ? *at + spare[4 * r + j] : spare[4 * r + j];
-                    }
         }
     }
     for (int b = 0; gelu && b < s->m->batch; b++)
@@ -389,6 +462,7 @@ static void run_step(Step *s, int id) {
     float *scores = aligned_alloc(64, sizeof(float) * s->scores_length);
     float *normed = aligned_alloc(64, sizeof(float) * m->batch * D);
     s->rows_bf16[id] = m->products_bf16 ? aligned_alloc(64, sizeof(uint16_t) * m->batch * (m->hidden > D ? m->hidden : D)) : NULL;
+    s->saved[id] = aligned_alloc(64, sizeof(__m512) * 16 * ((m->batch + 3) / 4));
     for (int b = id; b < m->batch; b += s->threads)
         memcpy(s->hidden + (long)b * D, m->embedding + s->tokens[b * s->token_stride] * D, sizeof(float) * D);
     barrier(s);
@@ -408,7 +482,7 @@ static void run_step(Step *s, int id) {
     }
     layer_norm(s, s->hidden, m->final_weight, m->final_bias, normed);
     product(s, id, m->head, m->vocab, D, normed, D, s->logits, m->vocab, 0, 0);
-    free(scores), free(normed), free(s->rows_bf16[id]);
+    free(scores), free(normed), free(s->rows_bf16[id]), free(s->saved[id]);
 }
 
 /* Bytes of the workspace f32_decode_step needs. */
@@ -459,7 +533,10 @@ int f32_matvec(const float *W, int out, int in, const float *x, int rows, float 
     {
 #pragma omp single
         s.threads = omp_get_num_threads();
-        product(&s, omp_get_thread_num(), W, out, in, x, in, y, out, 0, 0);
+        const int id = omp_get_thread_num();
+        s.saved[id] = aligned_alloc(64, sizeof(__m512) * 16 * ((rows + 3) / 4));
+        product(&s, id, W, out, in, x, in, y, out, 0, 0);
+        free(s.saved[id]);
     }
     return 0;
 }

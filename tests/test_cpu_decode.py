@@ -43,6 +43,7 @@ def prefilled_state(model, batch, prompt_length, stepper, cache_dtype=None):
         (3, {"rotary_fraction": 1.0}),  # rows not a multiple of the kernel's groups of four
         (5, {"rotary_fraction": 0.0, "vocab_size": 50, "mlp_ratio": 2.0}),  # no rotary; 50 = 12 groups of 4 + 2
         (2, {"d_model": 128, "num_heads": 4, "num_layers": 3, "tie_embeddings": False}),
+        (6, {"mlp_ratio": 10.0}),  # batches take groups in chunks: the down-projection's 640 inputs are 512 + 128
     ],
 )
 def test_fused_step_matches_the_pytorch_step(batch, overrides):
@@ -137,6 +138,17 @@ def test_the_steps_product_is_a_linear_layer(rows, out, size):
     torch.manual_seed(rows)
     x, weight = torch.randn(rows, size), torch.randn(out, size)
     torch.testing.assert_close(cpu_decode.linear(x, weight), x @ weight.T, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, out", [(16, 10), (6, 9), (12, 64)])
+def test_a_batchs_product_sums_as_each_row_alone_does(rows, out):
+    """Batches take each group of weight rows in chunks, keeping their sums between them: the same additions in
+    the same order as one row's single pass, so batching never changes a row's result, not even by rounding."""
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 1600), cpu_decode.PackedWeight(torch.randn(out, 1600))  # 3 chunks + 64
+    alone = torch.cat([cpu_decode.linear(x[r : r + 1], weight) for r in range(rows)])
+    assert torch.equal(cpu_decode.linear(x, weight), alone)
 
 
 @needs_kernel
@@ -245,7 +257,7 @@ def test_bf16_refills_run_only_where_the_c_step_runs():
 def test_bf16_products_for_batches_round_only_the_product_inputs():
     """From BF16_PRODUCTS_ROWS rows on, bf16 weights multiply bf16-rounded inputs (vdpbf16ps): the logits stay
     within bf16 rounding of the fp32-input step on the same weights and caches."""
-    model = random_model(8, d_model=128, num_heads=4)
+    model = random_model(8, d_model=128, num_heads=4, mlp_ratio=12.0)  # down-projection: 1,536 = 1,024 + 512
     c = model.config
     batch = cpu_decode.BF16_PRODUCTS_ROWS + 1
     with torch.no_grad():
