@@ -90,7 +90,8 @@ LOGIT_FILTERS: tuple[Callable[[Tensor, SamplingOptions], Tensor], ...] = (_ban, 
 
 def sample_next(logits: Tensor, options: SamplingOptions, generator: torch.Generator | None = None) -> Tensor:
     """One token per row from logits (B, V)."""
-    logits = logits.float()
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     for apply_filter in LOGIT_FILTERS:
         logits = apply_filter(logits, options)
     if options.temperature == 0:
@@ -284,6 +285,7 @@ class DecodeState:
         self.batch, self.device = batch, device
         self.fused: cpu_decode.FusedStep | bool | None = None  # decided with the caches (_allocate)
         self.pending_append = False  # the newest token's cross-attention keys/values are left to the fused step
+        self.tokens_numpy = None  # a numpy view of `tokens` (append_token)
         # bf16 caches halve the bytes a cached step reads from them (at batch 16, 84% of its bytes); only the
         # fused C step reads them, so they are kept only where it runs (None: the dtype the model computes in)
         # The prompt's prefill and the refills are matmul-bound: with refill_dtype bf16 they run under bf16 autocast
@@ -331,6 +333,19 @@ class DecodeState:
         if self.refill_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.refill_dtype)
+
+    def append_token(self, tokens: Tensor) -> None:
+        """append_inputs for one new token per row (B,): where the fused step runs, only the bookkeeping, in numpy
+        (a PyTorch op costs ~5-15 us, more right after a step has streamed the weights through the caches)."""
+        if not self.fused or self.cross_length + 1 > self.cross_capacity:
+            self.append_inputs(tokens[:, None])  # the PyTorch path, or the error of a full cache
+            return
+        if self.tokens_numpy is None:
+            self.tokens_numpy = self.tokens.numpy()  # the same memory
+        self.tokens_numpy[:, self.length] = tokens.numpy()
+        self.length += 1
+        self.pending_append = True  # the fused step computes its keys/values (append_inputs)
+        self.cross_length = self.length - self.cross_start
 
     def append_inputs(self, tokens: Tensor) -> None:
         """Embed new tokens (B, t) and append their cross-attention keys/values (rotated once)."""
@@ -509,10 +524,10 @@ def generate_stream(
         )
         if use_cache:
             if produced + 1 < max_new_tokens:
-                state.append_inputs(new_tokens[:, None])
+                state.append_token(new_tokens)
         else:
             tokens[:, window.end] = new_tokens
-        yield Step(new_tokens, logits.float(), window)
+        yield Step(new_tokens, logits if logits.dtype == torch.float32 else logits.float(), window)
 
 
 def generate(

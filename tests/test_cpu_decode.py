@@ -110,6 +110,39 @@ def test_generation_with_a_stepper_runs_fused_and_keeps_the_tokens():
 
 
 @needs_kernel
+def test_fused_step_checks_each_tokens_tensor_it_is_given_and_every_position():
+    model = random_model(0)
+    with torch.no_grad():
+        state, window = prefilled_state(model, 2, 40, step_model(model, torch.float32, 2))
+        fused, n = state.fused, state.num_latents
+        fused(state.tokens, window.end - 1, state.cross_length, n)  # DecodeState's tokens: checked once
+        with pytest.raises(ValueError, match="position 104 is outside"):
+            fused(state.tokens, state.tokens.shape[1], state.cross_length, n)
+        for wrong in (state.tokens.int(), state.tokens[:1], state.tokens[0]):
+            with pytest.raises(ValueError, match="int64 CPU tensor"):
+                fused(wrong, 0, state.cross_length, n)
+
+
+@needs_kernel
+def test_appending_one_token_per_row_is_append_inputs_bookkeeping():
+    """append_token (generate_stream's path) writes the tokens and leaves their keys/values to the fused step,
+    as append_inputs does; past the cross-attention cache's capacity both raise the same error."""
+    model = random_model(0)
+    with torch.no_grad():
+        a, _ = prefilled_state(model, 2, 40, step_model(model, torch.float32, 2))
+        b, _ = prefilled_state(model, 2, 40, step_model(model, torch.float32, 2))
+        new = torch.tensor([7, 9])
+        a.append_token(new)
+        b.append_inputs(new[:, None])
+        assert torch.equal(a.tokens, b.tokens) and a.tokens[:, 40].tolist() == [7, 9]
+        assert (a.length, a.cross_length, a.pending_append) == (b.length, b.cross_length, b.pending_append)
+        a.cross_capacity = b.cross_capacity = a.cross_length  # full
+        for append in (a.append_token, lambda t: b.append_inputs(t[:, None])):
+            with pytest.raises(RuntimeError, match="cross-attention cache full"):
+                append(new)
+
+
+@needs_kernel
 def test_the_state_picks_the_fused_step_only_where_it_applies():
     model = random_model(0)
     with torch.no_grad():

@@ -1,0 +1,68 @@
+"""Per-token time outside the C step in generate_stream: a shipped checkpoint sampled as `perceiver generate` does
+(`--dtype auto`, temperature 1), each cached step's ctypes call timed from Python; the median token interval
+minus the median call is what Python costs a token (sampling, bookkeeping, the call's own marshalling). Unlike a
+whole `perceiver generate` run, this barely moves with the VM's memory bandwidth (BENCHMARKS.md "Stop 29").
+
+    git worktree add /tmp/ab_before COMMIT
+    for i in 1 2 3; do
+        PYTHONPATH=/tmp/ab_before python benchmarks/ab/step_overhead.py before
+        PYTHONPATH=$PWD python benchmarks/ab/step_overhead.py after
+    done
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
+from perceiver_cli import cpu_decode
+from perceiver_cli.generate import SamplingOptions, generate_stream
+from perceiver_cli.runner import load
+
+TOKENS = 1000
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    calls: list[float] = []
+    original = cpu_decode.FusedStep.__init__
+
+    def timed_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        step = self.step
+
+        def timed_step(*call_args):
+            start = time.perf_counter()
+            status = step(*call_args)
+            calls.append(time.perf_counter() - start)
+            return status
+
+        self.step = timed_step
+
+    cpu_decode.FusedStep.__init__ = timed_init
+    line = [sys.argv[1] if len(sys.argv) > 1 else ""]
+    for name in ("music-v1", "text-v1"):
+        loaded = load(name, name.split("-")[0])
+        generator = torch.Generator().manual_seed(1)
+        prompt = torch.zeros(1, 1, dtype=torch.long)
+        calls.clear()
+        intervals, start = [], time.perf_counter()
+        stream = generate_stream(
+            loaded.model, prompt, TOKENS, SamplingOptions(), generator=generator, stepper=loaded.stepper(1),
+            **loaded.decode_dtypes,
+        )  # fmt: skip
+        for step in stream:
+            now = time.perf_counter()
+            if not step.window.refill:
+                intervals.append(now - start)
+            start = now
+        interval, call = statistics.median(intervals), statistics.median(calls)
+        line.append(
+            f"{name}: token {interval * 1e6:.0f} us, C call {call * 1e6:.0f} us, outside {(interval - call) * 1e6:.0f} us"
+        )
+    print(" | ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
