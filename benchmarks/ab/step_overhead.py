@@ -23,6 +23,18 @@ from perceiver_cli.runner import load
 TOKENS = 1000
 
 
+def timed(function, durations: list[float]):
+    """`function`, appending the seconds of each call to `durations`."""
+
+    def call(*args):
+        start = time.perf_counter()
+        result = function(*args)
+        durations.append(time.perf_counter() - start)
+        return result
+
+    return call
+
+
 def main() -> None:
     torch.set_num_threads(2)
     calls: list[float] = []
@@ -30,15 +42,7 @@ def main() -> None:
 
     def timed_init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        step = self.step
-
-        def timed_step(*call_args):
-            start = time.perf_counter()
-            status = step(*call_args)
-            calls.append(time.perf_counter() - start)
-            return status
-
-        self.step = timed_step
+        self.step = timed(self.step, calls)
 
     cpu_decode.FusedStep.__init__ = timed_init
     line = [sys.argv[1] if len(sys.argv) > 1 else ""]
