@@ -127,12 +127,19 @@ INLINE void prefetch_block(int chunked, const char *block, Chunk *chunk) {
     }
 }
 
+/* the accumulators at the start of a pass: zero, or where the pass over the group's previous chunk left them */
+INLINE void begin(int R, __m512 acc[4][4], int chunked, Chunk chunk) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++)
+            acc[r][j] = !chunked || chunk.first ? _mm512_setzero_ps() : chunk.saved[4 * r + j];
+}
+
 /* the accumulators at the end of a pass: kept for the next chunk, or summed into y */
-INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumulate, int last, __m512 *saved) {
+INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumulate, int chunked, Chunk chunk) {
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) {
-            if (!last) {
-                saved[4 * r + j] = acc[r][j];
+            if (chunked && !chunk.last) {
+                chunk.saved[4 * r + j] = acc[r][j];
                 continue;
             }
             float sum = _mm512_reduce_add_ps(acc[r][j]);
@@ -148,10 +155,8 @@ INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumul
    exist, which x86 ignores. */
 INLINE void dot_rows(int R, int bf16, int chunked, const void *group, int in, const float *x, long x_stride,
                      float *y, long y_stride, int accumulate, Chunk chunk) {
-    const int first = !chunked || chunk.first, last = !chunked || chunk.last;
     __m512 acc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < 4; j++) acc[r][j] = first ? _mm512_setzero_ps() : chunk.saved[4 * r + j];
+    begin(R, acc, chunked, chunk);
     const char *block = group;
     if (!bf16) {
         for (int i = 0; i < in; i += 16, block += GROUP_BYTES) {
@@ -183,7 +188,7 @@ INLINE void dot_rows(int R, int bf16, int chunked, const void *group, int in, co
             }
         }
     }
-    finish(R, acc, y, y_stride, accumulate, last, chunk.saved);
+    finish(R, acc, y, y_stride, accumulate, chunked, chunk);
 }
 
 #define BF16_TARGET __attribute__((target("avx512bf16")))
@@ -192,10 +197,8 @@ INLINE void dot_rows(int R, int bf16, int chunked, const void *group, int in, co
    bf16, 32 products a vdpbf16ps; fp32 sums */
 BF16_TARGET INLINE void dot_pairs(int R, int chunked, const void *group, int in, const uint16_t *x, long x_stride,
                                   float *y, long y_stride, int accumulate, Chunk chunk) {
-    const int first = !chunked || chunk.first, last = !chunked || chunk.last;
     __m512 acc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < 4; j++) acc[r][j] = first ? _mm512_setzero_ps() : chunk.saved[4 * r + j];
+    begin(R, acc, chunked, chunk);
     const char *block = group;
     for (int i = 0; i < in; i += 32, block += GROUP_BYTES) {
         prefetch_block(chunked, block, &chunk);
@@ -211,7 +214,7 @@ BF16_TARGET INLINE void dot_pairs(int R, int chunked, const void *group, int in,
             acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xv);
         }
     }
-    finish(R, acc, y, y_stride, accumulate, last, chunk.saved);
+    finish(R, acc, y, y_stride, accumulate, chunked, chunk);
 }
 
 #define ARGUMENTS group, in, x, x_stride, y, y_stride, accumulate, chunk

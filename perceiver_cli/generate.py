@@ -337,29 +337,28 @@ class DecodeState:
     def append_token(self, tokens: Tensor) -> None:
         """append_inputs for one new token per row (B,): where the fused step runs, only the bookkeeping, in numpy
         (a PyTorch op costs ~5-15 us, more right after a step has streamed the weights through the caches)."""
-        if not self.fused or self.cross_length + 1 > self.cross_capacity:
-            self.append_inputs(tokens[:, None])  # the PyTorch path, or the error of a full cache
+        if not self.fused:
+            self.append_inputs(tokens[:, None])
             return
+        if self.length + 1 - self.cross_start > self.cross_capacity:  # the C step writes there unchecked
+            raise RuntimeError(f"cross-attention cache full ({self.cross_capacity} positions)")
         if self.tokens_numpy is None:
             self.tokens_numpy = self.tokens.numpy()  # the same memory
         self.tokens_numpy[:, self.length] = tokens.numpy()
         self.length += 1
-        self.pending_append = True  # the fused step computes its keys/values (append_inputs)
+        # the fused step computes their keys/values with the rest of the step, in the same call (a refill first
+        # calls _append_pending); the slot is taken now
+        self.pending_append = True
         self.cross_length = self.length - self.cross_start
 
     def append_inputs(self, tokens: Tensor) -> None:
         """Embed new tokens (B, t) and append their cross-attention keys/values (rotated once)."""
+        if self.fused and tokens.shape[1] == 1:
+            self.append_token(tokens[:, 0])
+            return
         start = self.length
         self.tokens[:, start : start + tokens.shape[1]] = tokens
         self.length += tokens.shape[1]
-        if self.fused and tokens.shape[1] == 1:
-            # the fused step computes them with the rest of the step, in the same call (a refill first calls
-            # _append_pending); the slot is taken now
-            self.pending_append = True
-            self.cross_length = self.length - self.cross_start
-            if self.cross_length > self.cross_capacity:  # the C step writes there unchecked
-                raise RuntimeError(f"cross-attention cache full ({self.cross_capacity} positions)")
-            return
         with self._refill_autocast():
             self._append_key_values(tokens, start)
 
