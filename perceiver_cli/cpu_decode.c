@@ -51,6 +51,8 @@ typedef struct {
     const float *input_norm_weight, *input_norm_bias; /* the cross-attention block's norm of its inputs */
     const Block *blocks; /* the cross-attention block, then each latent layer */
     const double *inverse_frequencies; /* (rotary_half,): the rotary frequencies (model.rotary_tables') */
+    int weights_int8; /* the products' weights are int8 with an fp32 scale per output row: a quarter of fp32's
+                         bytes (last, so that builds without it read the same structure) */
 } Model;
 
 typedef struct {
@@ -134,8 +136,10 @@ INLINE void begin(int R, __m512 acc[4][4], int chunked, Chunk chunk) {
             acc[r][j] = !chunked || chunk.first ? _mm512_setzero_ps() : chunk.saved[4 * r + j];
 }
 
-/* the accumulators at the end of a pass: kept for the next chunk, or summed into y */
-INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumulate, int chunked, Chunk chunk) {
+/* the accumulators at the end of a pass: kept for the next chunk, or summed into y (times the output rows'
+   `scale`, int8 weights) */
+INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumulate, int chunked, Chunk chunk,
+                   const float *scale) {
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) {
             if (chunked && !chunk.last) {
@@ -143,22 +147,36 @@ INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumul
                 continue;
             }
             float sum = _mm512_reduce_add_ps(acc[r][j]);
+            if (scale) sum *= scale[j];
             y[r * y_stride + j] = accumulate ? y[r * y_stride + j] + sum : sum;
         }
 }
 
 /* One packed group of four weight rows against `R` input rows: y[r][o] (+)= w_o . x[r]; each weight is read once
-   for all R. fp32 weights: 16 values a block; bf16 weights: 32, widened to fp32 as they are loaded (the
-   arithmetic stays fp32). `chunked` (a constant at each call, so that each case is its own loop): 0, the single
-   pass over a whole group, which streams the matrix and prefetches it PREFETCH_BYTES ahead; 1, a pass over one
-   chunk of a group (Chunk). Past the end of the matrix the prefetches are hints to addresses that may not
+   for all R. `format` 0, fp32 weights: 16 values a block; 1, bf16: 32, widened to fp32 as they are loaded (the
+   arithmetic stays fp32); 2, int8: 64, widened the same way, each output row's sum then times its `scale`.
+   `chunked` (a constant at each call, so that each case is its own loop): 0, the single pass over a whole group,
+   which streams the matrix and prefetches it PREFETCH_BYTES ahead; 1, a pass over one chunk of a group (Chunk). Past the end of the matrix the prefetches are hints to addresses that may not
    exist, which x86 ignores. */
-INLINE void dot_rows(int R, int bf16, int chunked, const void *group, int in, const float *x, long x_stride,
-                     float *y, long y_stride, int accumulate, Chunk chunk) {
+INLINE void dot_rows(int R, int format, int chunked, const void *group, int in, const float *x, long x_stride,
+                     float *y, long y_stride, int accumulate, Chunk chunk, const float *scale) {
     __m512 acc[4][4];
     begin(R, acc, chunked, chunk);
     const char *block = group;
-    if (!bf16) {
+    if (format == 2) {
+        for (int i = 0; i < in; i += 64, block += GROUP_BYTES) {
+            prefetch_block(chunked, block, &chunk);
+            for (int k = 0; k < 4; k++) { /* values 16k..16k+15 of each of the four rows */
+                __m512 w[4];
+                for (int j = 0; j < 4; j++)
+                    w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + 64 * j + 16 * k))));
+                for (int r = 0; r < R; r++) {
+                    __m512 xv = _mm512_loadu_ps(x + r * x_stride + i + 16 * k);
+                    for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(w[j], xv, acc[r][j]);
+                }
+            }
+        }
+    } else if (format == 0) {
         for (int i = 0; i < in; i += 16, block += GROUP_BYTES) {
             prefetch_block(chunked, block, &chunk);
             const float *w = (const float *)block;
@@ -188,7 +206,7 @@ INLINE void dot_rows(int R, int bf16, int chunked, const void *group, int in, co
             }
         }
     }
-    finish(R, acc, y, y_stride, accumulate, chunked, chunk);
+    finish(R, acc, y, y_stride, accumulate, chunked, chunk, scale);
 }
 
 #define BF16_TARGET __attribute__((target("avx512bf16")))
@@ -214,7 +232,7 @@ BF16_TARGET INLINE void dot_pairs(int R, int chunked, const void *group, int in,
             acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xv);
         }
     }
-    finish(R, acc, y, y_stride, accumulate, chunked, chunk);
+    finish(R, acc, y, y_stride, accumulate, chunked, chunk, NULL);
 }
 
 #define ARGUMENTS group, in, x, x_stride, y, y_stride, accumulate, chunk
@@ -233,25 +251,16 @@ BF16_TARGET static void dot_pairs_rows(int R, int chunked, const void *group, in
     }
 }
 
-INLINE void dot_rows_any(int R, int bf16, int chunked, const void *group, int in, const float *x, long x_stride,
-                         float *y, long y_stride, int accumulate, Chunk chunk) {
-    switch (R + 4 * bf16 + 8 * chunked) { /* constants keep the accumulators in registers */
-    case 4: dot_rows(4, 0, 0, ARGUMENTS); break;
-    case 3: dot_rows(3, 0, 0, ARGUMENTS); break;
-    case 2: dot_rows(2, 0, 0, ARGUMENTS); break;
-    case 1: dot_rows(1, 0, 0, ARGUMENTS); break;
-    case 8: dot_rows(4, 1, 0, ARGUMENTS); break;
-    case 7: dot_rows(3, 1, 0, ARGUMENTS); break;
-    case 6: dot_rows(2, 1, 0, ARGUMENTS); break;
-    case 5: dot_rows(1, 1, 0, ARGUMENTS); break;
-    case 12: dot_rows(4, 0, 1, ARGUMENTS); break;
-    case 11: dot_rows(3, 0, 1, ARGUMENTS); break;
-    case 10: dot_rows(2, 0, 1, ARGUMENTS); break;
-    case 9: dot_rows(1, 0, 1, ARGUMENTS); break;
-    case 16: dot_rows(4, 1, 1, ARGUMENTS); break;
-    case 15: dot_rows(3, 1, 1, ARGUMENTS); break;
-    case 14: dot_rows(2, 1, 1, ARGUMENTS); break;
-    default: dot_rows(1, 1, 1, ARGUMENTS); break;
+#define DOT_ROWS(R, format, chunked) \
+    case R + 4 * format + 12 * chunked: dot_rows(R, format, chunked, ARGUMENTS, scale); break;
+#define DOT_ROWS_ANY_R(format, chunked) \
+    DOT_ROWS(4, format, chunked) DOT_ROWS(3, format, chunked) DOT_ROWS(2, format, chunked) DOT_ROWS(1, format, chunked)
+
+INLINE void dot_rows_any(int R, int format, int chunked, const void *group, int in, const float *x, long x_stride,
+                         float *y, long y_stride, int accumulate, Chunk chunk, const float *scale) {
+    switch (R + 4 * format + 12 * chunked) { /* constants keep the accumulators in registers */
+        DOT_ROWS_ANY_R(0, 0) DOT_ROWS_ANY_R(1, 0) DOT_ROWS_ANY_R(2, 0)
+        DOT_ROWS_ANY_R(0, 1) DOT_ROWS_ANY_R(1, 1) DOT_ROWS_ANY_R(2, 1)
     }
 }
 
@@ -266,12 +275,15 @@ BF16_TARGET static void rows_to_bf16(const float *x, long x_stride, int rows, in
         }
 }
 
+/* bytes of an int8 packed matrix's scales: one fp32 per output row, padded to whole groups and to 64 bytes */
+static long int8_scale_bytes(int out) { return ((long)(out + 3) / 4 * 16 + 63) / 64 * 64; }
+
 /* One pass of `product`: input rows b.. (up to four) against the group (or chunk of it) at `part`, `width` values
    of each row from column c on, into y's columns o..o+3 (`count` of them valid: a last group's padding rows go
    to a spare). */
 INLINE void pass_rows(const Step *s, int chunked, const char *part, int width, int c, int in, const float *x,
                       long x_stride, const uint16_t *x16, float *y, long y_stride, int accumulate, int o, int count,
-                      int b, Chunk chunk) {
+                      int b, Chunk chunk, const float *scale) {
     const int rows = s->m->batch - b < 4 ? s->m->batch - b : 4;
     float spare[4 * 4];
     float *target = count == 4 ? y + b * y_stride + o : spare;
@@ -280,8 +292,8 @@ INLINE void pass_rows(const Step *s, int chunked, const char *part, int width, i
     if (s->m->products_bf16)
         dot_pairs_rows(rows, chunked, part, width, x16 + (long)b * in + c, in, target, stride, add, chunk);
     else
-        dot_rows_any(rows, s->m->weights_bf16, chunked, part, width, x + b * x_stride + c, x_stride, target, stride,
-                     add, chunk);
+        dot_rows_any(rows, s->m->weights_int8 ? 2 : s->m->weights_bf16, chunked, part, width, x + b * x_stride + c,
+                     x_stride, target, stride, add, chunk, scale);
     if (count < 4 && (!chunked || chunk.last))
         for (int r = 0; r < rows; r++)
             for (int j = 0; j < count; j++) {
@@ -304,7 +316,10 @@ static void product(const Step *s, int id, const void *W, int out, int in, const
                     long y_stride, int accumulate, int gelu) {
     const int groups = (out + 3) / 4, lo = 4 * (int)((long)groups * id / s->threads);
     const int hi = 4 * (int)((long)groups * (id + 1) / s->threads);
-    const int per_block = s->m->weights_bf16 ? 32 : 16; /* a row's values in one block */
+    const int per_block = s->m->weights_int8 ? 64 : s->m->weights_bf16 ? 32 : 16; /* a row's values in one block */
+    /* int8: the packed matrix starts with each (padded) output row's fp32 scale, then the blocks */
+    const float *scales = s->m->weights_int8 ? (const float *)W : NULL;
+    if (scales) W = (const char *)W + int8_scale_bytes(out);
     const long group_bytes = (long)in / per_block * GROUP_BYTES;
     /* the first (up to) four passes over a chunk prefetch the next group's chunk, in equal shares */
     const int passes = (s->m->batch + 3) / 4, sharers = passes < 4 ? passes : 4, lines = (4 + sharers - 1) / sharers;
@@ -315,7 +330,8 @@ static void product(const Step *s, int id, const void *W, int out, int in, const
         const int count = out - o < 4 ? out - o : 4; /* a last group padded with zero rows: its valid outputs */
         const char *group = (const char *)W + (long)(o / 4) * group_bytes;
         if (passes == 1) {
-            pass_rows(s, 0, group, in, 0, in, x, x_stride, x16, y, y_stride, accumulate, o, count, 0, whole);
+            pass_rows(s, 0, group, in, 0, in, x, x_stride, x16, y, y_stride, accumulate, o, count, 0, whole,
+                      scales ? scales + o : NULL);
             continue;
         }
         for (int c = 0; c < in; c += CHUNK_BLOCKS * per_block) {
@@ -326,7 +342,8 @@ static void product(const Step *s, int id, const void *W, int out, int in, const
                 const int index = b / 4;
                 const Chunk chunk = {s->saved[id] + 16 * index, c == 0, c + width == in,
                                      part + group_bytes + index * quarter * lines, index < sharers ? lines : 0};
-                pass_rows(s, 1, part, width, c, in, x, x_stride, x16, y, y_stride, accumulate, o, count, b, chunk);
+                pass_rows(s, 1, part, width, c, in, x, x_stride, x16, y, y_stride, accumulate, o, count, b, chunk,
+                          scales ? scales + o : NULL);
             }
         }
     }
@@ -498,6 +515,7 @@ int f32_decode_step(const Model *m, const long *tokens, long token_stride, long 
                     int num_latents, int append, int threads, float *logits, float *workspace) {
     if (m->d_model % 16 || m->hidden % 16 || m->head_dim % 16 || m->head_dim > 128 || cross_length < 1) return 1;
     if (m->weights_bf16 && (m->d_model % 32 || m->hidden % 32)) return 1; /* bf16 blocks of 32 */
+    if (m->weights_int8 && (m->d_model % 64 || m->hidden % 64 || m->weights_bf16)) return 1; /* int8: of 64 */
     if (m->products_bf16 && !m->weights_bf16) return 1;
     /* the position's rotary tables, in double and then rounded, as model.rotary_tables computes them */
     float cos_table[64], sin_table[64];

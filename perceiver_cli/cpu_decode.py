@@ -25,6 +25,9 @@ from .device import cpu_flags
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 BF16_PRODUCTS_ROWS = 4
+# From this many rows on, int8 weights widened to fp32 are slower than bf16 ones on vdpbf16ps (the products are
+# compute-bound there): `--dtype int8` keeps bf16 step weights for such batches (benchmarks/ab/int8_weights.txt)
+INT8_MAX_ROWS = 8
 _pointer = ctypes.c_void_p
 
 
@@ -49,6 +52,7 @@ class _Model(ctypes.Structure):
         *((name, _pointer) for name in ("input_norm_weight", "input_norm_bias")),
         ("blocks", ctypes.POINTER(_Block)),
         ("inverse_frequencies", ctypes.POINTER(ctypes.c_double)),
+        ("weights_int8", ctypes.c_int),
     ]
 
 
@@ -91,6 +95,12 @@ def supports_model(model: nn.Module) -> bool:
     )
 
 
+def supports_int8(model: nn.Module) -> bool:
+    """`supports_model`, and sizes int8 weights take: d_model and the MLP width multiples of 64 (blocks of 64)."""
+    c = model.config
+    return supports_model(model) and c.d_model % 64 == 0 and int(c.d_model * c.mlp_ratio) % 64 == 0
+
+
 def supports(model: nn.Module, state) -> bool:
     """`supports_model`, and caches stored as rows (without the kernel the cross-attention cache is transposed),
     all fp32 or all bf16."""
@@ -126,7 +136,10 @@ class FusedStep:
         self.weights_bf16 = (
             all(w.dtype == torch.bfloat16 for w in matrices) and c.d_model % 32 == 0 and hidden % 32 == 0
         )
-        if not self.weights_bf16:
+        self.weights_int8 = all(w.dtype == torch.int8 for w in matrices)
+        if self.weights_int8 and not supports_int8(model):
+            raise ValueError("int8 step weights need d_model and the MLP width to be multiples of 64")
+        if not (self.weights_bf16 or self.weights_int8):
             source = model  # fp32 copies, a mix, or sizes bf16 blocks do not divide: the model's own fp32 matrices
         # From BF16_PRODUCTS_ROWS rows on, the products are compute-bound (0.9 GFLOP a step of the bench config at
         # batch 16): with bf16 weights and AVX512-BF16 they take their input rows rounded to bf16 and run on
@@ -142,8 +155,9 @@ class FusedStep:
             self.keep.append(t)
             return t.data_ptr()
 
-        def packed(weight: Tensor) -> int:  # a copy in the layout the products stream (pack)
-            return address(pack(weight.detach()))
+        def packed(linear: nn.Module) -> int:  # a copy in the layout the products stream (pack, pack_int8)
+            weight = linear.weight.detach()
+            return address(pack_int8(weight, linear.scale) if weight.dtype == torch.int8 else pack(weight))
 
         def block(module, products, keys: Tensor, values: Tensor) -> _Block:
             norm = module.norm_query if hasattr(module, "norm_query") else module.norm
@@ -152,9 +166,9 @@ class FusedStep:
             self.keep += [keys, values]
             return _Block(
                 address(norm.weight), address(norm.bias),
-                packed(attention.query.weight), packed(attention.key_value.weight), packed(attention.out.weight),
+                packed(attention.query), packed(attention.key_value), packed(attention.out),
                 address(module.norm_mlp.weight), address(module.norm_mlp.bias),
-                packed(products.mlp.up.weight), packed(products.mlp.down.weight),
+                packed(products.mlp.up), packed(products.mlp.down),
                 keys.data_ptr(), values.data_ptr(), (ctypes.c_long * 4)(*keys.stride()),
             )  # fmt: skip
 
@@ -172,10 +186,10 @@ class FusedStep:
             c.vocab_size, c.num_layers, int(self.weights_bf16), int(state.cross_key.dtype == torch.bfloat16),
             int(self.products_bf16), model.final_norm.eps,
             address(model.embedding.weight), address(model.final_norm.weight), address(model.final_norm.bias),
-            packed(source.head.weight),
+            packed(source.head),
             address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),
             ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
-            ctypes.cast(self.inverse_frequencies, ctypes.POINTER(ctypes.c_double)),
+            ctypes.cast(self.inverse_frequencies, ctypes.POINTER(ctypes.c_double)), int(self.weights_int8),
         )  # fmt: skip
         self.step, workspace_bytes, _ = _kernel()
         self.workspace = torch.empty(workspace_bytes(ctypes.byref(self.spec)) // 4)
@@ -228,6 +242,29 @@ def pack(weight: Tensor) -> Tensor:
         return padded.reshape(groups, 4, inner // 16, 16).permute(0, 2, 1, 3).contiguous()
     # [group][block][row of 4][16 pairs (k, 16 + k)]
     return padded.reshape(groups, 4, inner // 32, 2, 16).permute(0, 2, 1, 4, 3).contiguous()
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(int8 weight, fp32 scale per output row) with weight ~= int8 * scale[:, None]: each row's largest
+    magnitude maps to 127, every value rounded to the nearest step (symmetric, no zero point)."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def pack_int8(weight: Tensor, scale: Tensor) -> Tensor:
+    """An (out, in) int8 weight and its (out,) fp32 scales as one uint8 buffer for cpu_decode.c's products: the
+    scales padded to whole groups of four rows (and to 64 bytes), then per group 64-byte blocks of 64 values of
+    each of the four rows in turn (the last group padded with zero rows). `in` must be a multiple of 64."""
+    out, inner = weight.shape
+    if weight.dtype != torch.int8 or inner % 64 or scale.shape != (out,):
+        raise ValueError(f"cannot pack a {tuple(weight.shape)} {weight.dtype} weight as int8")
+    groups = -(-out // 4)
+    scales = torch.zeros(-(-groups * 4 // 16) * 16)  # fp32: 16 to 64 bytes
+    scales[:out] = scale.float()
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, 4 * groups - out))
+    blocks = padded.reshape(groups, 4, inner // 64, 64).permute(0, 2, 1, 3).contiguous()
+    return torch.cat([scales.view(torch.uint8), blocks.view(torch.uint8).flatten()])
 
 
 class PackedWeight:

@@ -194,8 +194,14 @@ class StepLinear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, rows: int = 1):
         super().__init__()
         assert linear.bias is None
-        weight = linear.weight.detach().to(dtype)
         self.rows = max(1, rows)
+        self.scale: Tensor | None = None
+        if dtype == torch.int8:  # for the fused C step (cpu_decode.py), which reads them with their scales
+            weight, self.scale = cpu_decode.quantize_int8(linear.weight)
+            self.prepack, self.packed = False, None
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            return
+        weight = linear.weight.detach().to(dtype)
         # packed at the first call, as an opaque oneDNN tensor (not a parameter: it is never saved, trained or
         # copied); where the fused C step runs the steps (cpu_decode.py), no call comes and no copy is made
         self.packed: Tensor | None = None
@@ -203,6 +209,8 @@ class StepLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.scale is not None:  # int8 outside the C step: exact, and slow (it widens every weight each call)
+            return F.linear(x.float(), self.weight.float() * self.scale[:, None]).to(x.dtype)
         rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
         if self.prepack and self.packed is None:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.rows)

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import cpu_decode
 from .checkpoint import DEFAULT_CHECKPOINTS, CheckpointError, list_checkpoints, load_checkpoint, read_meta
 from .checkpoint import resolve_checkpoint as _resolve_checkpoint
 from .codecs import Codec, CodecError
 from .codecs.music import PerformanceGuard, cut_midi, duration_seconds, load_midi
 from .codecs.text import read_text
-from .device import autocast, decode_threads, resolve_device, resolve_dtype
+from .device import DTYPES, autocast, cpu_has_fast_bf16, decode_threads, resolve_device, resolve_dtype
 from .generate import SamplingOptions, auto_decode_dtypes, generate_stream, step_model, step_weights_dtype
 from .model import PerceiverAR
 
@@ -52,7 +53,7 @@ _SUFFIXES = {"music": ".mid", "image": ".png", "text": ".txt"}
 class Loaded:
     """A checkpoint ready to sample from: fp32 weights on `device`, `dtype` the autocast compute dtype;
     `exact`: fp32 was asked for, so cached CPU steps keep fp32 weights and caches too (no bf16 step weights,
-    no bf16 key/value caches)."""
+    no bf16 key/value caches); `int8`: cached CPU steps read int8 copies of the weight matrices (--dtype int8)."""
 
     model: PerceiverAR
     codec: Codec
@@ -61,6 +62,7 @@ class Loaded:
     path: Path
     meta: dict = field(default_factory=dict)
     exact: bool = False
+    int8: bool = False
     steppers: dict = field(default_factory=dict)  # (step dtype, rows) -> generate.step_model, built once
 
     def stepper(self, batch: int) -> PerceiverAR | None:
@@ -69,6 +71,8 @@ class Loaded:
         if dtype is None:
             return None
         dtype = torch.float32 if self.exact else dtype
+        if self.int8 and (batch < cpu_decode.INT8_MAX_ROWS or dtype != torch.bfloat16 or not cpu_has_fast_bf16()):
+            dtype = torch.int8  # batches of INT8_MAX_ROWS+ keep bf16 where its products are faster
         if (dtype, batch) not in self.steppers:
             self.steppers[dtype, batch] = step_model(self.model, dtype, batch)
         return self.steppers[dtype, batch]
@@ -107,11 +111,20 @@ def load(checkpoint: str | Path | None, modality: str, device: str = "auto", dty
     if kind != modality:
         raise CheckpointError(f"{path}: is {_a(kind)} checkpoint, not {modality}")
     torch_device = resolve_device(device)
-    compute = resolve_dtype(dtype, torch_device, purpose="decode")
+    if dtype not in (*DTYPES, "int8"):
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)}, int8)")
+    int8 = dtype == "int8"  # `auto`, with int8 step weights: only the C step reads them at speed
+    if int8 and (torch_device.type != "cpu" or not cpu_decode.available()):
+        raise ValueError("--dtype int8 needs CPU decoding through the C step (x86 with AVX-512 and a C compiler)")
+    compute = resolve_dtype("auto" if int8 else dtype, torch_device, purpose="decode")
     loaded = load_checkpoint(path, device=torch_device, dtype=torch.float32)
+    if int8 and not cpu_decode.supports_int8(loaded.model):
+        raise ValueError(f"--dtype int8: the C step does not take {path.name}'s sizes (d_model, MLP width / 64)")
     if torch_device.type == "cpu":
         torch.set_num_threads(decode_threads())
-    return Loaded(loaded.model, loaded.codec, torch_device, compute, loaded.path, loaded.meta, dtype == "fp32")
+    return Loaded(
+        loaded.model, loaded.codec, torch_device, compute, loaded.path, loaded.meta, dtype == "fp32", int8=int8
+    )
 
 
 def describe_checkpoints() -> list[dict[str, Any]]:

@@ -330,3 +330,67 @@ def test_pack_lays_out_groups_of_four_rows_in_64_byte_blocks():
     assert torch.equal(pairs[:, 0], rounded[6, 32:48]) and torch.equal(pairs[:, 1], rounded[6, 48:64])
     with pytest.raises(ValueError, match="cannot pack"):
         cpu_decode.pack(torch.zeros(4, 48, dtype=torch.bfloat16))
+
+
+def test_quantize_int8_maps_each_rows_largest_magnitude_to_127():
+    weight = torch.tensor([[0.5, -1.0, 0.25, 0.0], [3.0, 1.0, -2.0, 0.01], [0.0, 0.0, 0.0, 0.0]])
+    values, scale = cpu_decode.quantize_int8(weight)
+    assert values.dtype == torch.int8 and values.abs().max() == 127
+    torch.testing.assert_close(scale[:2], torch.tensor([1.0, 3.0]) / 127)
+    assert torch.equal(values[2], torch.zeros(4, dtype=torch.int8))  # an all-zero row stays zero
+    assert (values.float() * scale[:, None] - weight).abs().max() <= scale.max() / 2 + 1e-7  # half a step
+
+
+def test_pack_int8_puts_the_scales_first_then_blocks_of_64():
+    weight = torch.arange(7 * 128).reshape(7, 128).remainder(251).sub(125).to(torch.int8)  # two groups, 2 blocks
+    scale = torch.arange(1, 8, dtype=torch.float32)
+    packed = cpu_decode.pack_int8(weight, scale)
+    scales = packed[:64].view(torch.float32)  # 8 padded rows of fp32: 32 bytes, padded to 64
+    assert torch.equal(scales[:7], scale) and torch.equal(scales[7:], torch.zeros(9))
+    blocks = packed[64:].view(torch.int8).reshape(2, 2, 4, 64)  # [group][block][row][64 values]
+    assert torch.equal(blocks[1, 1, 2], weight[6, 64:128])
+    assert torch.equal(blocks[1, 0, 3], torch.zeros(64, dtype=torch.int8))  # the padding row
+    with pytest.raises(ValueError, match="cannot pack"):
+        cpu_decode.pack_int8(weight[:, :96], scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3, 6])
+def test_fused_step_with_int8_weights_is_the_model_with_dequantized_weights(batch):
+    """int8 matrices with a scale per row (an int8 step_model) are widened and their sums scaled: the step equals
+    fp32 arithmetic on the dequantized weights, which the PyTorch step on such a copy computes. Batches of more
+    than four rows take the chunked path (mlp_ratio 17: the down-projection's 2,176 inputs are a chunk of 2,048
+    int8 values and 128 more); a vocabulary of 50 leaves the head's last group of four rows two short."""
+    model = random_model(batch, d_model=128, num_heads=4, tie_embeddings=False, vocab_size=50, mlp_ratio=17.0)
+    dequantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in dequantized.modules():
+            if isinstance(module, torch.nn.Linear):
+                values, scale = cpu_decode.quantize_int8(module.weight)
+                module.weight.copy_(values.float() * scale[:, None])
+    c = model.config
+    with torch.no_grad():
+        state, window = prefilled_state(dequantized, batch, 50, step_model(dequantized, torch.float32, batch))
+        state.fused = False
+        fused = cpu_decode.FusedStep(model, state, step_model(model, torch.int8, batch))
+        assert fused.weights_int8 and not fused.weights_bf16
+        for _ in range(3):
+            window = next_window(window, c.max_context, c.num_latents, None)
+            state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
+            latents = [t.clone() for t in state.latent_keys + state.latent_values]
+            expected = state.step(window)
+            for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
+                cache.copy_(before)
+            got = fused(state.tokens, window.end - 1, state.cross_length, state.num_latents - 1)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        # the PyTorch step on the int8 step_model (its fallback where the C step does not run) agrees too
+        int8_stepper = step_model(model, torch.int8, batch)
+        state.stepper, state.fused = int8_stepper, False
+        window = next_window(window, c.max_context, c.num_latents, None)
+        state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
+        latents = [t.clone() for t in state.latent_keys + state.latent_values]
+        fallback = state.step(window)
+        for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
+            cache.copy_(before)
+        got = fused(state.tokens, window.end - 1, state.cross_length, state.num_latents - 1)
+        torch.testing.assert_close(got, fallback, rtol=1e-4, atol=1e-5)

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from perceiver_cli import runner
-from perceiver_cli.checkpoint import CheckpointError
-from perceiver_cli.codecs import CodecError
+from perceiver_cli import cpu_decode, runner
+from perceiver_cli.checkpoint import CheckpointError, save_checkpoint
+from perceiver_cli.codecs import CodecError, MusicCodec
 from perceiver_cli.codecs.music import duration_seconds
+from perceiver_cli.device import cpu_has_fast_bf16
 from perceiver_cli.generate import StepLinear
+from perceiver_cli.model import PerceiverAR, PerceiverARConfig
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +332,32 @@ def test_describe_checkpoints(monkeypatch, checkpoints, checkpoint_root):
     assert (music["modality"], music["context"], music["latents"]) == ("music", 64, 16)
     assert music["heldout"] == {"metric": "bits/event", "value": 8.6} and music["parameters"] > 0
     assert rows["tiny-text"]["modality"] == "text" and rows["tiny-image"]["data"] == "random init"
+
+
+def test_int8_steps_one_sample_on_int8_weights_and_refuses_sizes_it_cannot_take(tmp_path, music_checkpoint):
+    if not cpu_decode.available():
+        with pytest.raises(ValueError, match="--dtype int8 needs CPU decoding through the C step"):
+            runner.load(music_checkpoint, "music", device="cpu", dtype="int8")
+        return
+    with pytest.raises(ValueError, match="does not take tiny-music's sizes"):  # d_model 16: not blocks of 64
+        runner.load(music_checkpoint, "music", device="cpu", dtype="int8")
+    torch.manual_seed(0)
+    config = PerceiverARConfig(
+        vocab_size=390, max_context=64, num_latents=16, d_model=64, num_heads=2, num_layers=1
+    )
+    path = save_checkpoint(tmp_path / "music-64", PerceiverAR(config).eval(), MusicCodec())
+    loaded = runner.load(path, "music", device="cpu", dtype="int8")
+    assert loaded.int8 and not loaded.exact
+    dtypes = {m.weight.dtype for m in loaded.stepper(1).modules() if isinstance(m, StepLinear)}
+    assert dtypes == {torch.int8}
+    batch = {
+        m.weight.dtype for m in loaded.stepper(cpu_decode.INT8_MAX_ROWS).modules() if isinstance(m, StepLinear)
+    }
+    assert batch == ({torch.bfloat16} if cpu_has_fast_bf16() else {torch.int8})  # bf16 products are faster there
+    options = runner.GenerateOptions(seed=3)
+    summary = runner.generate_file(
+        loaded, runner.MusicRequest(2.0, audio=False, plot=False), options, tmp_path / "a.mid"
+    )
+    assert pretty_midi.PrettyMIDI(str(tmp_path / "a.mid")).get_end_time() > 0 and summary.tokens > 0
+    with pytest.raises(ValueError, match=r"unknown dtype 'int4' \(choose from auto, fp32, bf16, int8\)"):
+        runner.load(path, "music", device="cpu", dtype="int4")

@@ -5,7 +5,7 @@ caches within the same second, so this VM's bandwidth swings (2x within minutes)
 processes compared one after the other could not resolve a 5% change (BENCHMARKS.md "Stop 29").
 
     git show COMMIT:perceiver_cli/cpu_decode.c > /tmp/before.c; cp perceiver_cli/cpu_simd.h /tmp/
-    THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab/paired_kernels.py /tmp/before.c perceiver_cli/cpu_decode.c [--auto]
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab/paired_kernels.py /tmp/before.c perceiver_cli/cpu_decode.c [--auto] [--batch 16 1]
 
 --auto: bf16 step weights and caches, as `--dtype auto` decodes on a CPU with AVX512-BF16 (default: fp32).
 The two builds must share the Model/Block structures FusedStep hands them.
@@ -37,14 +37,19 @@ def step_function(source: str):
 
 
 def main() -> None:
-    sources = [a for a in sys.argv[1:] if not a.startswith("--")]
-    auto = "--auto" in sys.argv
+    arguments = sys.argv[1:]
+    batches = (16, 1)
+    if "--batch" in arguments:  # --batch N [N ...], last
+        at = arguments.index("--batch")
+        batches, arguments = tuple(int(b) for b in arguments[at + 1 :]), arguments[:at]
+    sources = [a for a in arguments if not a.startswith("--")]
+    auto = "--auto" in arguments
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = PerceiverAR(bench_config(16384)).eval()
     steps = [step_function(source) for source in sources]
     dtype = torch.bfloat16 if auto else torch.float32
-    for batch in (16, 1):
+    for batch in batches:
         state = DecodeState(
             model, batch, PROMPT + 1, torch.device("cpu"), stepper=step_model(model, dtype, batch),
             cache_dtype=torch.bfloat16 if auto else None,

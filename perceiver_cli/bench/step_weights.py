@@ -6,7 +6,8 @@ the bits/token of a known continuation scored by the very path that samples (tea
 a prompt, then every later token fed in and scored from the step's logits), and the tokens/s of those steps,
 once with the model's own fp32 weights (exact), once with the step weights, and (where the fused C step runs)
 with bf16 key/value caches as well, and with the prefill and refills in bf16 autocast too (as `auto` decodes
-where bf16 is fast).
+where bf16 is fast); and as `--dtype int8` decodes one sample: int8 step weights (C step only) with those
+caches and refills.
 """
 
 from __future__ import annotations
@@ -78,16 +79,18 @@ def run(
         raise ValueError(f"{data}: no validation documents")
     rows = []
     bf16_weights = step_model(model, torch.bfloat16)
+    int8_weights = step_model(model, torch.int8) if cpu_decode.supports_int8(model) else None
     bf16 = torch.bfloat16
     for label, stepper, cache_dtype, refill_dtype in (
         ("fp32 (exact)", None, None, None),
         ("bf16 step weights", bf16_weights, None, None),
         ("bf16 step weights, bf16 caches", bf16_weights, bf16, None),
         ("bf16 step weights, bf16 caches, bf16 refills", bf16_weights, bf16, bf16),
+        ("int8 step weights, bf16 caches, auto refills", int8_weights, bf16, bf16 if cpu_has_fast_bf16() else None),
     ):
-        if cache_dtype is not None and not cpu_decode.available():
-            continue  # only the fused C step reads bf16 caches
-        if refill_dtype is not None and not cpu_has_fast_bf16():
+        if cache_dtype is not None and not cpu_decode.available() or "int8" in label and int8_weights is None:
+            continue  # only the fused C step reads bf16 caches and int8 weights
+        if refill_dtype is not None and not cpu_has_fast_bf16() and "int8" not in label:
             continue  # bf16 refills only where bf16 matmuls are fast (generate.auto_decode_dtypes)
         bits = scored = seconds = 0.0
         for document, prompt_length in chosen:
@@ -95,23 +98,17 @@ def run(
             bits, scored, seconds = bits + b, scored + n, seconds + s
         rows.append({"weights": label, "bits_per_token": bits / scored, "tokens_per_s": scored / seconds})
         log(f"{label}: {rows[-1]['bits_per_token']:.5f} bits/token, {rows[-1]['tokens_per_s']:.1f} tokens/s")
-    return (
-        {
-            "checkpoint": checkpoint,
-            "documents": len(chosen),
-            "scored_tokens": int(scored),
-            "rows": rows,
-            "bits_change": rows[1]["bits_per_token"] - rows[0]["bits_per_token"],
-            "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
-        }
-        | (
-            {"bits_change_bf16_caches": rows[2]["bits_per_token"] - rows[0]["bits_per_token"]}
-            if len(rows) > 2
-            else {}
-        )
-        | (
-            {"bits_change_bf16_refills": rows[3]["bits_per_token"] - rows[0]["bits_per_token"]}
-            if len(rows) > 3
-            else {}
-        )
-    )
+    change = {row["weights"]: row["bits_per_token"] - rows[0]["bits_per_token"] for row in rows}
+    changes = {  # each later row's change against the exact one, where it ran
+        "bits_change_bf16_caches": "bf16 step weights, bf16 caches",
+        "bits_change_bf16_refills": "bf16 step weights, bf16 caches, bf16 refills",
+        "bits_change_int8": "int8 step weights, bf16 caches, auto refills",
+    }
+    return {
+        "checkpoint": checkpoint,
+        "documents": len(chosen),
+        "scored_tokens": int(scored),
+        "rows": rows,
+        "bits_change": rows[1]["bits_per_token"] - rows[0]["bits_per_token"],
+        "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+    } | {key: change[label] for key, label in changes.items() if label in change}

@@ -18,9 +18,10 @@ GenerateDtype = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="auto | fp32 | bf16. auto: bf16 autocast on CUDA; on a CPU token-by-token steps read bf16 copies "
-        "of the weights (faster; with AVX-512 and a C compiler each step is one C call, fp32 arithmetic); "
-        "fp32: exact fp32 throughout.",
+        help="auto | fp32 | bf16 | int8. auto: bf16 autocast on CUDA; on a CPU token-by-token steps read bf16 "
+        "copies of the weights (faster; with AVX-512 and a C compiler each step is one C call, fp32 arithmetic); "
+        "fp32: exact fp32 throughout; int8: auto with int8 copies of the step weights (CPU with AVX-512: half "
+        "the bytes of bf16, faster for one sample, at a small measured quality cost; see BENCHMARKS.md).",
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
