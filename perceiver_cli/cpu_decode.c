@@ -18,6 +18,7 @@
    Pre-LayerNorm blocks (eps from the model), rotary on the first 2 * rotary_half dims of each head in
    half-split pairs, exact GELU, nn.Linear weights without biases, packed by cpu_decode.pack (below).
    Built by perceiver_cli/cpu_kernels.py with the system C compiler; no PyTorch headers. */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -34,7 +35,7 @@ typedef struct {
     const void *query, *key_value, *out; /* (D, D), (2D, D), (D, D), fp32 or bf16 (Model.weights_bf16) */
     const float *norm_mlp_weight, *norm_mlp_bias;
     const void *up, *down; /* (F, D), (D, F) */
-    void *keys, *values;    /* this block's caches, fp32 or bf16 (Model.caches_bf16) */
+    void *keys, *values;    /* this block's caches, fp32, bf16 (Model.caches_bf16) or int8 (Model.caches_int8) */
     long cache_strides[4];  /* batch, head, position, dim, in elements; rows: unit stride along dim */
 } Block;
 
@@ -52,7 +53,9 @@ typedef struct {
     const Block *blocks; /* the cross-attention block, then each latent layer */
     const double *inverse_frequencies; /* (rotary_half,): the rotary frequencies (model.rotary_tables') */
     int weights_int8; /* the products' weights are int8 with an fp32 scale per output row: a quarter of fp32's
-                         bytes (last, so that builds without it read the same structure) */
+                         bytes (after the older fields, so that builds without it read the same structure) */
+    int caches_int8;  /* the key/value caches are int8: each cached row of head_dim values is followed by its
+                         fp32 scale (head_dim + 4 bytes a row, cache_strides in bytes) */
 } Model;
 
 typedef struct {
@@ -386,10 +389,24 @@ static void rotate(const Step *s, float *x) {
     }
 }
 
+/* 16 cached values from element `at` of a cache of `format` 0 fp32, 1 bf16 or 2 int8 (unscaled), as fp32 */
+INLINE __m512 load_cache(const void *cache, long at, int format) {
+    if (format < 2) return load_weights(cache, at, format);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)cache + at))));
+}
+
+/* the scale of the int8 cache row starting at byte `at`: the fp32 after its D values */
+INLINE float row_scale(const void *cache, long at, int D) {
+    float scale;
+    memcpy(&scale, (const char *)cache + at + D, sizeof scale);
+    return scale;
+}
+
 /* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V; bf16
-   caches are widened to fp32 as they are loaded, like bf16 weights */
+   caches are widened to fp32 as they are loaded, like bf16 weights; int8 ones are widened and each row's dot
+   product (keys) or weight (values) times the row's scale */
 INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
-                         float *out, int bf16) {
+                         float *out, int format) {
     const int D = s->m->head_dim;
     const long *st = block->cache_strides;
     const long at = b * st[0] + h * st[1];
@@ -397,8 +414,8 @@ INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const 
     for (long t = 0; t < length; t++) { /* one dot product of D floats per key */
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16)
-            acc = _mm512_fmadd_ps(load_weights(block->keys, at + t * st[2] + d, bf16), _mm512_loadu_ps(q + d), acc);
-        scores[t] = _mm512_reduce_add_ps(acc) * scale;
+            acc = _mm512_fmadd_ps(load_cache(block->keys, at + t * st[2] + d, format), _mm512_loadu_ps(q + d), acc);
+        scores[t] = _mm512_reduce_add_ps(acc) * (format == 2 ? row_scale(block->keys, at + t * st[2], D) * scale : scale);
     }
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (long t = 0; t < length; t += 16)
@@ -416,16 +433,17 @@ INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const 
     __m512 acc[8]; /* out += p[t] V[t] */
     for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
     for (long t = 0; t < length; t++) {
-        __m512 p = _mm512_set1_ps(scores[t]);
+        __m512 p = _mm512_set1_ps(format == 2 ? scores[t] * row_scale(block->values, at + t * st[2], D) : scores[t]);
         for (int c = 0; c < D / 16; c++)
-            acc[c] = _mm512_fmadd_ps(p, load_weights(block->values, at + t * st[2] + 16 * c, bf16), acc[c]);
+            acc[c] = _mm512_fmadd_ps(p, load_cache(block->values, at + t * st[2] + 16 * c, format), acc[c]);
     }
     for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
 }
 
 static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
                    float *out) {
-    if (s->m->caches_bf16) attend_cache(s, block, b, h, q, length, scores, out, 1);
+    if (s->m->caches_int8) attend_cache(s, block, b, h, q, length, scores, out, 2);
+    else if (s->m->caches_bf16) attend_cache(s, block, b, h, q, length, scores, out, 1);
     else attend_cache(s, block, b, h, q, length, scores, out, 0);
 }
 
@@ -434,6 +452,19 @@ INLINE uint16_t to_bf16(float x) {
     uint32_t bits;
     memcpy(&bits, &x, sizeof bits);
     return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+/* x (D floats) into an int8 cache row: each value over scale = max |x| / 127, rounded to nearest even, then the
+   scale; the same operations, in the same fp32, as cpu_decode.quantize_int8 (the refills' writes) */
+static void store_int8_row(char *row, const float *x, int D) {
+    float largest = 0.0f;
+    for (int d = 0; d < D; d++) largest = fabsf(x[d]) > largest ? fabsf(x[d]) : largest;
+    const float scale = (largest > FLT_MIN ? largest : FLT_MIN) / 127.0f;
+    for (int d = 0; d < D; d++) {
+        const float v = nearbyintf(x[d] / scale);
+        row[d] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+    }
+    memcpy(row + D, &scale, sizeof scale);
 }
 
 /* the attention part of a block for this thread's (row, head) items, then its output projection */
@@ -450,7 +481,11 @@ static void attention_phase(Step *s, int id, const Block *block, int is_cross, f
             float *key = s->key_value + (long)b * 2 * D + h * Dh, *value = key + D;
             rotate(s, key);
             const long *st = block->cache_strides, at = b * st[0] + h * st[1] + slot * st[2];
-            for (int d = 0; d < Dh; d++) {
+            if (m->caches_int8) {
+                store_int8_row((char *)block->keys + at, key, Dh);
+                store_int8_row((char *)block->values + at, value, Dh);
+            }
+            for (int d = 0; d < Dh && !m->caches_int8; d++) {
                 if (m->caches_bf16) {
                     ((uint16_t *)block->keys)[at + d * st[3]] = to_bf16(key[d]);
                     ((uint16_t *)block->values)[at + d * st[3]] = to_bf16(value[d]);

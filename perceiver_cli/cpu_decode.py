@@ -53,6 +53,7 @@ class _Model(ctypes.Structure):
         ("blocks", ctypes.POINTER(_Block)),
         ("inverse_frequencies", ctypes.POINTER(ctypes.c_double)),
         ("weights_int8", ctypes.c_int),
+        ("caches_int8", ctypes.c_int),
     ]
 
 
@@ -108,7 +109,7 @@ def supports(model: nn.Module, state) -> bool:
     return (
         all(t is not None and t.stride(-1) == 1 for t in caches)
         and len({t.dtype for t in caches}) == 1
-        and caches[0].dtype in (torch.float32, torch.bfloat16)
+        and caches[0].dtype in (torch.float32, torch.bfloat16, torch.int8)
         and supports_model(model)
     )
 
@@ -190,6 +191,7 @@ class FusedStep:
             address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),
             ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
             ctypes.cast(self.inverse_frequencies, ctypes.POINTER(ctypes.c_double)), int(self.weights_int8),
+            int(state.cross_key.dtype == torch.int8),
         )  # fmt: skip
         self.step, workspace_bytes, _ = _kernel()
         self.workspace = torch.empty(workspace_bytes(ctypes.byref(self.spec)) // 4)
@@ -245,11 +247,27 @@ def pack(weight: Tensor) -> Tensor:
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(int8 weight, fp32 scale per output row) with weight ~= int8 * scale[:, None]: each row's largest
-    magnitude maps to 127, every value rounded to the nearest step (symmetric, no zero point)."""
+    """(int8 values, fp32 scale per row of the last dimension) with weight ~= values * scale[..., None]: each
+    row's largest magnitude maps to 127, every value rounded to the nearest step, ties to even (symmetric, no
+    zero point). cpu_decode.c's store_int8_row does the same fp32 operations for the rows a step caches."""
     weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    scale = weight.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return torch.round(weight / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def store_int8_rows(cache: Tensor, x: Tensor) -> None:
+    """x (..., D) into an int8 cache view (..., D + 4): each row quantized (quantize_int8), its fp32 scale in the
+    row's last 4 bytes, where the C step reads it."""
+    values, scale = quantize_int8(x)
+    cache[..., : x.shape[-1]] = values
+    cache[..., x.shape[-1] :] = scale[..., None].view(torch.int8)
+
+
+def load_int8_rows(cache: Tensor, dtype: torch.dtype) -> Tensor:
+    """The (..., D) values an int8 cache view (..., D + 4) holds, dequantized to `dtype`."""
+    head_dim = cache.shape[-1] - 4
+    scale = cache[..., head_dim:].contiguous().view(torch.float32)
+    return (cache[..., :head_dim].float() * scale).to(dtype)
 
 
 def pack_int8(weight: Tensor, scale: Tensor) -> Tensor:

@@ -321,12 +321,14 @@ class DecodeState:
         # step weights (four alternated rounds; BENCHMARKS.md "Decode per-token overhead"). The fused C step
         # reads rows faster than the transposed layout (batch 16: its cross-attention 216-236 vs 294-483 ms
         # per 30 steps), so where it will run, the cross-attention cache is rows too.
-        rows = (self.batch, c.num_heads, self.cross_capacity, c.head_dim)
-        if self.fused_possible and dtype in (torch.float32, torch.bfloat16):
+        # int8 caches (only where the C step runs): each row of head_dim values followed by its fp32 scale
+        width = c.head_dim + 4 if dtype == torch.int8 else c.head_dim
+        rows = (self.batch, c.num_heads, self.cross_capacity, width)
+        if self.fused_possible and dtype in (torch.float32, torch.bfloat16, torch.int8):
             self.cross_key, self.cross_value = like.new_empty(rows, dtype=dtype), like.new_empty(rows, dtype=dtype)
         else:
             self.cross_key, self.cross_value = transposed(self.cross_capacity), transposed(self.cross_capacity)
-        latent_shape = (self.batch, c.num_heads, self.latent_capacity, c.head_dim)
+        latent_shape = (self.batch, c.num_heads, self.latent_capacity, width)
         self.latent_keys = [like.new_empty(latent_shape, dtype=dtype) for _ in self.model.layers]
         self.latent_values = [like.new_empty(latent_shape, dtype=dtype) for _ in self.model.layers]
         # With a stepper (anything but the exact reference path), every cached step is one C call where the
@@ -383,8 +385,8 @@ class DecodeState:
         if self.cross_key is None:
             self._allocate(key)
         offset = start - self.cross_start
-        self.cross_key[:, :, offset : offset + tokens.shape[1]] = key
-        self.cross_value[:, :, offset : offset + tokens.shape[1]] = value
+        _store(self.cross_key[:, :, offset : offset + tokens.shape[1]], key)
+        _store(self.cross_value[:, :, offset : offset + tokens.shape[1]], value)
         self.cross_length = offset + tokens.shape[1]
 
     def slide_to(self, start: int) -> None:
@@ -412,13 +414,16 @@ class DecodeState:
         rope = self.model.rope(positions)
         latents = self.model.embedding(self.tokens[:, window.end - n : window.end])  # (B, n, D)
         key, value = self.cross_key[:, :, : self.cross_length], self.cross_value[:, :, : self.cross_length]
-        if key.dtype != latents.dtype and not torch.is_autocast_enabled(latents.device.type):
+        if key.dtype == torch.int8:  # int8 caches: dequantized for the refill, in the dtype it computes in
+            dtype = self.refill_dtype or latents.dtype
+            key, value = cpu_decode.load_int8_rows(key, dtype), cpu_decode.load_int8_rows(value, dtype)
+        elif key.dtype != latents.dtype and not torch.is_autocast_enabled(latents.device.type):
             key, value = key.to(latents.dtype), value.to(latents.dtype)  # bf16 caches (cache_dtype), fp32 refills
         hidden = self.model.cross_attention.attend(latents, key, value, rope)
         for index, layer in enumerate(self.model.layers):
             query, key, value = layer.query_key_value(hidden, rope)
-            self.latent_keys[index][:, :, :n] = key
-            self.latent_values[index][:, :, :n] = value
+            _store(self.latent_keys[index][:, :, :n], key)
+            _store(self.latent_values[index][:, :, :n], value)
             hidden = layer.finish(hidden, query, key, value)
         self.num_latents = n
         return self.model.head(self.model.final_norm(hidden[:, -1]))
@@ -448,6 +453,14 @@ class DecodeState:
             )
         self.num_latents = n + 1
         return model.head(model.final_norm(hidden[:, -1]))
+
+
+def _store(cache: Tensor, x: Tensor) -> None:
+    """x into a cache view: converted to its dtype, or quantized with per-row scales for an int8 cache."""
+    if cache.dtype == torch.int8:
+        cpu_decode.store_int8_rows(cache, x)
+    else:
+        cache.copy_(x)
 
 
 def window_logits(model: PerceiverAR, tokens: Tensor, window: Window) -> Tensor:

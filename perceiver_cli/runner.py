@@ -53,7 +53,8 @@ _SUFFIXES = {"music": ".mid", "image": ".png", "text": ".txt"}
 class Loaded:
     """A checkpoint ready to sample from: fp32 weights on `device`, `dtype` the autocast compute dtype;
     `exact`: fp32 was asked for, so cached CPU steps keep fp32 weights and caches too (no bf16 step weights,
-    no bf16 key/value caches); `int8`: cached CPU steps read int8 copies of the weight matrices (--dtype int8)."""
+    no bf16 key/value caches); `int8` (--dtype int8): cached CPU steps read int8 key/value caches and, for batches
+    under cpu_decode.INT8_MAX_ROWS, int8 copies of the weight matrices."""
 
     model: PerceiverAR
     codec: Codec
@@ -79,10 +80,11 @@ class Loaded:
 
     @property
     def decode_dtypes(self) -> dict:
-        """generate_stream's cache_dtype and refill_dtype: `auto`'s (generate.auto_decode_dtypes), none with fp32."""
+        """generate_stream's cache_dtype and refill_dtype: `auto`'s (generate.auto_decode_dtypes), none with fp32,
+        int8 caches with int8."""
         if self.exact:
             return {"cache_dtype": None, "refill_dtype": None}
-        return auto_decode_dtypes(self.device)
+        return auto_decode_dtypes(self.device) | ({"cache_dtype": torch.int8} if self.int8 else {})
 
     @property
     def name(self) -> str:
@@ -113,7 +115,7 @@ def load(checkpoint: str | Path | None, modality: str, device: str = "auto", dty
     torch_device = resolve_device(device)
     if dtype not in (*DTYPES, "int8"):
         raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)}, int8)")
-    int8 = dtype == "int8"  # `auto`, with int8 step weights: only the C step reads them at speed
+    int8 = dtype == "int8"  # `auto`, with int8 caches and step weights: only the C step reads them
     if int8 and (torch_device.type != "cpu" or not cpu_decode.available()):
         raise ValueError("--dtype int8 needs CPU decoding through the C step (x86 with AVX-512 and a C compiler)")
     compute = resolve_dtype("auto" if int8 else dtype, torch_device, purpose="decode")

@@ -233,38 +233,6 @@ def round_to_bf16_(tensors):
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch", [1, 3])
-def test_fused_step_with_bf16_caches_is_fp32_arithmetic_on_bf16_rounded_caches(batch):
-    """bf16 caches (cache_dtype) are only widened as they are read, and the step's own keys and values are
-    rounded as they are written: the PyTorch step on fp32 caches holding the same rounded values agrees."""
-    model = random_model(batch, rotary_fraction=1.0)
-    c = model.config
-    stepper = step_model(model, torch.float32, batch)
-    with torch.no_grad():
-        reference, window = prefilled_state(model, batch, 50, stepper)
-        reference.fused = False
-        state, _ = prefilled_state(model, batch, 50, stepper, cache_dtype=torch.bfloat16)
-        assert isinstance(state.fused, cpu_decode.FusedStep) and state.cross_key.dtype == torch.bfloat16
-        caches = lambda s: [s.cross_key, s.cross_value, *s.latent_keys, *s.latent_values]  # noqa: E731
-        round_to_bf16_(caches(reference))
-        for _ in range(4):
-            window = next_window(window, c.max_context, c.num_latents, None)
-            new_tokens = torch.randint(0, c.vocab_size, (batch, 1))
-            reference.append_inputs(new_tokens)  # in PyTorch, fp32: rounded below like the C step's write
-            round_to_bf16_(caches(reference))
-            state.append_inputs(new_tokens)  # left to the C step, which writes it rounded
-            expected, got = reference.step(window), state.step(window)
-            # the one difference: the C step attends to its own new latent key/value as written (rounded), the
-            # reference to its unrounded ones (a relative change ~1e-3 in one of ~25 keys)
-            torch.testing.assert_close(got, expected, rtol=1e-3, atol=3e-4)
-            for ours, theirs in zip(caches(state), caches(reference), strict=True):
-                filled = state.cross_length if ours.shape[2] == state.cross_capacity else state.num_latents
-                # the same values up to one bf16 rounding step (fp32 sums in another order can round the other way)
-                torch.testing.assert_close(ours[:, :, :filled].float(), theirs[:, :, :filled], rtol=8e-3, atol=1e-3)
-            round_to_bf16_(caches(reference))
-
-
-@needs_kernel
 def test_bf16_refills_run_only_where_the_c_step_runs():
     """refill_dtype: the prompt's prefill and the refills under bf16 autocast (fp32 logits out, bf16 caches in),
     close to fp32 refills; with no stepper (the exact path, PyTorch steps) it is ignored."""
@@ -374,7 +342,9 @@ def test_fused_step_with_int8_weights_is_the_model_with_dequantized_weights(batc
         state.fused = False
         fused = cpu_decode.FusedStep(model, state, step_model(model, torch.int8, batch))
         assert fused.weights_int8 and not fused.weights_bf16
-        for _ in range(3):
+        for round_ in range(4):
+            if round_ == 3:  # the PyTorch step on the int8 step_model (the fallback without the C step) agrees too
+                state.stepper = step_model(model, torch.int8, batch)
             window = next_window(window, c.max_context, c.num_latents, None)
             state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
             latents = [t.clone() for t in state.latent_keys + state.latent_values]
@@ -383,14 +353,71 @@ def test_fused_step_with_int8_weights_is_the_model_with_dequantized_weights(batc
                 cache.copy_(before)
             got = fused(state.tokens, window.end - 1, state.cross_length, state.num_latents - 1)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-        # the PyTorch step on the int8 step_model (its fallback where the C step does not run) agrees too
-        int8_stepper = step_model(model, torch.int8, batch)
-        state.stepper, state.fused = int8_stepper, False
-        window = next_window(window, c.max_context, c.num_latents, None)
-        state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
-        latents = [t.clone() for t in state.latent_keys + state.latent_values]
-        fallback = state.step(window)
-        for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
-            cache.copy_(before)
-        got = fused(state.tokens, window.end - 1, state.cross_length, state.num_latents - 1)
-        torch.testing.assert_close(got, fallback, rtol=1e-4, atol=1e-5)
+
+
+def round_to_int8_(caches):
+    """Each row of each fp32 cache as int8 caches hold it: quantized with its own scale, then dequantized."""
+    for t in caches:
+        values, scale = cpu_decode.quantize_int8(t)
+        t.copy_(values.float() * scale[..., None])
+
+
+def test_int8_cache_rows_hold_their_scale_in_their_last_four_bytes():
+    x = torch.randn(2, 3, 5, 16) * torch.tensor([1e-3, 1.0, 40.0])[None, :, None, None]
+    cache = torch.zeros(2, 3, 7, 20, dtype=torch.int8)
+    cpu_decode.store_int8_rows(cache[:, :, 1:6], x)
+    values, scale = cpu_decode.quantize_int8(x)
+    assert torch.equal(cache[:, :, 1:6, :16], values) and torch.equal(cache[:, :, 0], torch.zeros(2, 3, 20).char())
+    assert torch.equal(cache[:, :, 1:6, 16:].contiguous().view(torch.float32)[..., 0], scale)
+    back = cpu_decode.load_int8_rows(cache[:, :, 1:6], torch.float32)
+    assert ((back - x).abs() <= scale[..., None] / 2 * 1.0001).all()  # within half a step of each row
+
+
+@needs_kernel
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_step_with_bf16_or_int8_caches_is_fp32_arithmetic_on_the_cached_values(batch, cache_dtype):
+    """bf16 caches (cache_dtype) are only widened as they are read, int8 ones (each row with its own scale)
+    widened and scaled; the step's own keys and values are rounded (bf16) or quantized (int8: the C step's
+    quantization is quantize_int8's) as they are written. The PyTorch step on fp32 caches holding the same values
+    agrees."""
+    model = random_model(batch, rotary_fraction=1.0)
+    c = model.config
+    stepper = step_model(model, torch.float32, batch)
+    int8 = cache_dtype == torch.int8
+    with torch.no_grad():
+        reference, window = prefilled_state(model, batch, 50, stepper)
+        reference.fused = False
+        state, _ = prefilled_state(model, batch, 50, stepper, cache_dtype=cache_dtype)
+        assert isinstance(state.fused, cpu_decode.FusedStep) and state.cross_key.dtype == cache_dtype
+        assert state.cross_key.shape[-1] == c.head_dim + (4 if int8 else 0)  # int8: each row's scale after it
+        caches = lambda s: [s.cross_key, s.cross_value, *s.latent_keys, *s.latent_values]  # noqa: E731
+
+        def held(cache: torch.Tensor, filled: int) -> torch.Tensor:  # the values a cache holds, in fp32
+            part = cache[:, :, :filled]
+            return cpu_decode.load_int8_rows(part, torch.float32) if int8 else part.float()
+
+        for theirs, ours in zip(
+            caches(reference), caches(state), strict=True
+        ):  # the prompt's, as the state holds them
+            filled = state.cross_length if ours.shape[2] == state.cross_capacity else state.num_latents
+            theirs[:, :, :filled] = held(ours, filled)
+        for _ in range(4):
+            window = next_window(window, c.max_context, c.num_latents, None)
+            new_tokens = torch.randint(0, c.vocab_size, (batch, 1))
+            reference.append_inputs(new_tokens)  # in PyTorch, fp32: rounded below like the C step's write
+            (round_to_int8_ if int8 else round_to_bf16_)(caches(reference))
+            state.append_inputs(new_tokens)  # left to the C step, which writes it rounded
+            expected, got = reference.step(window), state.step(window)
+            # the one difference: the C step attends to its own new latent key/value as written (rounded), the
+            # reference to its exact ones (bf16: a relative change ~1e-3 in one of ~25 keys; int8: ~1e-2)
+            tolerance = dict(rtol=1e-2, atol=3e-3) if int8 else dict(rtol=1e-3, atol=3e-4)
+            torch.testing.assert_close(got, expected, **tolerance)
+            for ours, theirs in zip(caches(state), caches(reference), strict=True):
+                filled = state.cross_length if ours.shape[2] == state.cross_capacity else state.num_latents
+                ours, theirs = held(ours, filled), theirs[:, :, :filled]
+                # the same values up to one rounding step of the row's largest (the C step's fp32 sums in another
+                # order differ by ~1e-7 of the row, and the rounding can go the other way)
+                step = theirs.abs().amax(dim=-1, keepdim=True) / (127 if int8 else 128)
+                assert ((ours - theirs).abs() <= step * 1.01 + 1e-6).all()
+            (round_to_int8_ if int8 else round_to_bf16_)(caches(reference))

@@ -347,7 +347,7 @@ def test_int8_steps_one_sample_on_int8_weights_and_refuses_sizes_it_cannot_take(
     )
     path = save_checkpoint(tmp_path / "music-64", PerceiverAR(config).eval(), MusicCodec())
     loaded = runner.load(path, "music", device="cpu", dtype="int8")
-    assert loaded.int8 and not loaded.exact
+    assert loaded.int8 and not loaded.exact and loaded.decode_dtypes["cache_dtype"] == torch.int8
     dtypes = {m.weight.dtype for m in loaded.stepper(1).modules() if isinstance(m, StepLinear)}
     assert dtypes == {torch.int8}
     batch = {

@@ -5,9 +5,10 @@ caches within the same second, so this VM's bandwidth swings (2x within minutes)
 processes compared one after the other could not resolve a 5% change (BENCHMARKS.md "Stop 29").
 
     git show COMMIT:perceiver_cli/cpu_decode.c > /tmp/before.c; cp perceiver_cli/cpu_simd.h /tmp/
-    THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab/paired_kernels.py /tmp/before.c perceiver_cli/cpu_decode.c [--auto] [--batch 16 1]
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab/paired_kernels.py /tmp/before.c perceiver_cli/cpu_decode.c [--auto | --int8] [--batch 16 1]
 
---auto: bf16 step weights and caches, as `--dtype auto` decodes on a CPU with AVX512-BF16 (default: fp32).
+--auto: bf16 step weights and caches, as `--dtype auto` decodes on a CPU with AVX512-BF16 (default: fp32); --int8:
+int8 caches and int8 step weights (bf16 from cpu_decode.INT8_MAX_ROWS rows), as `--dtype int8` decodes.
 The two builds must share the Model/Block structures FusedStep hands them.
 """
 
@@ -43,16 +44,19 @@ def main() -> None:
         at = arguments.index("--batch")
         batches, arguments = tuple(int(b) for b in arguments[at + 1 :]), arguments[:at]
     sources = [a for a in arguments if not a.startswith("--")]
-    auto = "--auto" in arguments
+    auto, int8 = "--auto" in arguments, "--int8" in arguments
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = PerceiverAR(bench_config(16384)).eval()
     steps = [step_function(source) for source in sources]
-    dtype = torch.bfloat16 if auto else torch.float32
     for batch in batches:
+        if int8:  # as `--dtype int8` decodes (runner.Loaded.stepper): int8 weights for small batches, int8 caches
+            dtype = torch.int8 if batch < cpu_decode.INT8_MAX_ROWS else torch.bfloat16
+        else:
+            dtype = torch.bfloat16 if auto else torch.float32
         state = DecodeState(
             model, batch, PROMPT + 1, torch.device("cpu"), stepper=step_model(model, dtype, batch),
-            cache_dtype=torch.bfloat16 if auto else None,
+            cache_dtype=torch.int8 if int8 else torch.bfloat16 if auto else None,
         )  # fmt: skip
         with torch.no_grad():
             state.append_inputs(torch.randint(0, VOCAB, (batch, PROMPT)))
@@ -70,7 +74,7 @@ def main() -> None:
         medians = [statistics.median(t) for t in times]
         ratios = [statistics.median(b / a for a, b in zip(times[0], t, strict=True)) for t in times[1:]]
         print(
-            f"{'auto' if auto else 'fp32'} batch {batch:2d}: "
+            f"{'int8' if int8 else 'auto' if auto else 'fp32'} batch {batch:2d}: "
             + " | ".join(f"{Path(s).name} {m * 1e3:.2f} ms" for s, m in zip(sources, medians, strict=True))
             + "".join(f" | time ratio {r:.3f}" for r in ratios),
             flush=True,

@@ -6,6 +6,7 @@ up with GELU and down, the head) and the attention, then each of them for the cr
 latent layers.
 
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab/step_phases.py [SOURCE.c] [--prompt 4096] [--batch 16 1]
+        [--weights fp32|bf16|int8] [--caches fp32|bf16|int8]
 """
 
 import argparse
@@ -73,7 +74,10 @@ def main() -> None:
     parser.add_argument("source", nargs="?", default=str(cpu_decode.SOURCE))
     parser.add_argument("--prompt", type=int, default=4096)
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 1])
+    parser.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32")
+    parser.add_argument("--caches", choices=["fp32", "bf16", "int8"], default="fp32")
     args = parser.parse_args()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = PerceiverAR(bench_config(16384)).eval()
@@ -87,8 +91,9 @@ def main() -> None:
     for batch in args.batch:
         prompt = torch.randint(0, VOCAB, (batch, args.prompt))
         stream = generate_stream(
-            model, prompt, 60, SamplingOptions(0), stepper=step_model(model, torch.float32, batch)
-        )
+            model, prompt, 60, SamplingOptions(0), stepper=step_model(model, dtypes[args.weights], batch),
+            cache_dtype=dtypes[args.caches],
+        )  # fmt: skip
         for index, _ in enumerate(stream):
             if index == 4:  # the prompt's pass and the first steps are not timed
                 ctypes.memset(seconds, 0, ctypes.sizeof(seconds))

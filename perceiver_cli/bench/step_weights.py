@@ -6,8 +6,8 @@ the bits/token of a known continuation scored by the very path that samples (tea
 a prompt, then every later token fed in and scored from the step's logits), and the tokens/s of those steps,
 once with the model's own fp32 weights (exact), once with the step weights, and (where the fused C step runs)
 with bf16 key/value caches as well, and with the prefill and refills in bf16 autocast too (as `auto` decodes
-where bf16 is fast); and as `--dtype int8` decodes one sample: int8 step weights (C step only) with those
-caches and refills.
+where bf16 is fast); and as `--dtype int8` decodes one sample (C step only): int8 step weights with bf16
+caches, and with int8 caches.
 """
 
 from __future__ import annotations
@@ -81,12 +81,14 @@ def run(
     bf16_weights = step_model(model, torch.bfloat16)
     int8_weights = step_model(model, torch.int8) if cpu_decode.supports_int8(model) else None
     bf16 = torch.bfloat16
+    auto_refills = bf16 if cpu_has_fast_bf16() else None  # generate.auto_decode_dtypes
     for label, stepper, cache_dtype, refill_dtype in (
         ("fp32 (exact)", None, None, None),
         ("bf16 step weights", bf16_weights, None, None),
         ("bf16 step weights, bf16 caches", bf16_weights, bf16, None),
         ("bf16 step weights, bf16 caches, bf16 refills", bf16_weights, bf16, bf16),
-        ("int8 step weights, bf16 caches, auto refills", int8_weights, bf16, bf16 if cpu_has_fast_bf16() else None),
+        ("int8 step weights, bf16 caches, auto refills", int8_weights, bf16, auto_refills),
+        ("int8 step weights, int8 caches, auto refills", int8_weights, torch.int8, auto_refills),
     ):
         if cache_dtype is not None and not cpu_decode.available() or "int8" in label and int8_weights is None:
             continue  # only the fused C step reads bf16 caches and int8 weights
@@ -102,7 +104,8 @@ def run(
     changes = {  # each later row's change against the exact one, where it ran
         "bits_change_bf16_caches": "bf16 step weights, bf16 caches",
         "bits_change_bf16_refills": "bf16 step weights, bf16 caches, bf16 refills",
-        "bits_change_int8": "int8 step weights, bf16 caches, auto refills",
+        "bits_change_int8_weights": "int8 step weights, bf16 caches, auto refills",
+        "bits_change_int8": "int8 step weights, int8 caches, auto refills",
     }
     return {
         "checkpoint": checkpoint,
