@@ -209,7 +209,7 @@ INLINE void dot_rows(int R, int format, int chunked, const void *group, int in, 
             }
         }
     }
-    finish(R, acc, y, y_stride, accumulate, chunked, chunk, scale);
+    finish(R, acc, y, y_stride, accumulate, chunked, chunk, format == 2 ? scale : NULL); /* NULL: a constant */
 }
 
 #define BF16_TARGET __attribute__((target("avx512bf16")))
