@@ -26,7 +26,7 @@ from .device import cpu_flags
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 BF16_PRODUCTS_ROWS = 4
 # From this many rows on, int8 weights widened to fp32 are slower than bf16 ones on vdpbf16ps (the products are
-# compute-bound there): `--dtype int8` keeps bf16 step weights for such batches (benchmarks/ab/int8_weights.txt)
+# compute-bound there): `--dtype int8` keeps bf16 step weights for such batches (benchmarks/ab/int8_decode.txt)
 INT8_MAX_ROWS = 8
 _pointer = ctypes.c_void_p
 

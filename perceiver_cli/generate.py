@@ -248,6 +248,15 @@ def step_weights_dtype(device: torch.device, batch: int, compute: torch.dtype) -
     return torch.bfloat16 if fast else torch.float32
 
 
+def int8_step_weights_dtype(batch: int, auto: torch.dtype) -> torch.dtype:
+    """The step weights `--dtype int8` uses, given those `auto` would (step_weights_dtype): int8, except for
+    batches of cpu_decode.INT8_MAX_ROWS or more where `auto` takes bf16 weights on fast bf16 products, which
+    outrun int8 weights widened to fp32 there (BENCHMARKS.md "Stop 30")."""
+    if batch >= cpu_decode.INT8_MAX_ROWS and auto == torch.bfloat16 and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.int8
+
+
 def auto_decode_dtypes(device: torch.device) -> dict:
     """The key/value cache and refill dtypes `--dtype auto` decodes with (DecodeState's cache_dtype, refill_dtype):
     on a CPU, bf16 caches (half the bytes the fused C step reads; ±0.0003 bits/token on the shipped checkpoints,

@@ -33,8 +33,15 @@ from .checkpoint import resolve_checkpoint as _resolve_checkpoint
 from .codecs import Codec, CodecError
 from .codecs.music import PerformanceGuard, cut_midi, duration_seconds, load_midi
 from .codecs.text import read_text
-from .device import DTYPES, autocast, cpu_has_fast_bf16, decode_threads, resolve_device, resolve_dtype
-from .generate import SamplingOptions, auto_decode_dtypes, generate_stream, step_model, step_weights_dtype
+from .device import DTYPES, autocast, decode_threads, resolve_device, resolve_dtype
+from .generate import (
+    SamplingOptions,
+    auto_decode_dtypes,
+    generate_stream,
+    int8_step_weights_dtype,
+    step_model,
+    step_weights_dtype,
+)
 from .model import PerceiverAR
 
 MODALITIES = ("music", "image", "text")
@@ -71,9 +78,7 @@ class Loaded:
         dtype = step_weights_dtype(self.device, batch, self.dtype)
         if dtype is None:
             return None
-        dtype = torch.float32 if self.exact else dtype
-        if self.int8 and (batch < cpu_decode.INT8_MAX_ROWS or dtype != torch.bfloat16 or not cpu_has_fast_bf16()):
-            dtype = torch.int8  # batches of INT8_MAX_ROWS+ keep bf16 where its products are faster
+        dtype = torch.float32 if self.exact else int8_step_weights_dtype(batch, dtype) if self.int8 else dtype
         if (dtype, batch) not in self.steppers:
             self.steppers[dtype, batch] = step_model(self.model, dtype, batch)
         return self.steppers[dtype, batch]

@@ -1,7 +1,7 @@
 """int8 step weights and int8 key/value caches against `auto`'s bf16 ones, on the same cached step in one process,
 alternated call by call: the bench config after a 4,096-token prompt with 768 latents cached (the middle of a
 refill cycle), each (weights, caches) pair's median step time and the median of its per-round ratios to bf16
-weights with bf16 caches (BENCHMARKS.md "int8 step weights and caches").
+weights with bf16 caches (BENCHMARKS.md "Stop 30").
 
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab/int8_decode.py [--batch 1 4 8 16]
 """

@@ -13,8 +13,10 @@ Then, for the bench config of core.py:
       to; and the rate with the refill included. With the model's own nn.Linear layers ("model"), with fp32
       StepLinears ("fp32") and the StepLinears `step_weights_dtype` picks ("auto"), all three in PyTorch ops,
       and with the one-call C step of cpu_decode.py that `perceiver generate` runs where it is available, on
-      fp32 weights and caches ("fused") and as `auto` runs it ("fused_auto": the weights `auto` picks and bf16
-      caches, whose bytes the ceiling then counts at 2 per value). Each decode row
+      fp32 weights and caches ("fused"), as `auto` runs it ("fused_auto": the weights `auto` picks and bf16
+      caches, whose bytes the ceiling then counts at 2 per value) and as `--dtype int8` does ("fused_int8": int8
+      caches, (head_dim + 4) / head_dim bytes a value with their scales, and int8 weights, 1 byte each and 4 per
+      output row, below cpu_decode.INT8_MAX_ROWS rows). Each decode row
       also records the bandwidth measured right before and after it and its fraction of that ceiling (those
       measurements count toward the run's limit too), and its "paired" fraction: one matvec is timed after every
       16 cached steps, and the steps' median rate is set against those matvecs' median (the same seconds of the
@@ -36,6 +38,7 @@ from ..generate import (
     SamplingOptions,
     auto_decode_dtypes,
     generate_stream,
+    int8_step_weights_dtype,
     onednn_linear_available,
     step_model,
     step_weights_dtype,
@@ -115,11 +118,15 @@ def decode_cycle(
     the steps ran in."""
     # DecodeState takes the C step whenever it is given a stepper and the kernel is available
     with contextlib.nullcontext() if fused else _without_fused_steps():
-        # bf16 caches where the C step reads them (elsewhere DecodeState keeps fp32 ones)
-        cache_bytes = 2 if fused and cache_dtype == torch.bfloat16 else 4
+        # bf16 or int8 caches where the C step reads them (elsewhere DecodeState keeps fp32 ones); an int8 row of
+        # head_dim values carries its fp32 scale
+        head_dim = model.config.head_dim
+        int8_bytes = (head_dim + 4) / head_dim
+        cache_bytes = {torch.bfloat16: 2, torch.int8: int8_bytes}.get(cache_dtype, 4) if fused else 4
         paths = dict(cache_dtype=cache_dtype, refill_dtype=refill_dtype)
         result = _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, paths, pair_with)
-        return result | {"fused": fused, "cache_dtype": "bfloat16" if cache_bytes == 2 else "float32"}
+        names = {2: "bfloat16", int8_bytes: "int8", 4: "float32"}
+        return result | {"fused": fused, "cache_dtype": names[cache_bytes]}
 
 
 PAIR_EVERY = 16  # cached steps between two paired matvecs (decode_cycle's pair_with)
@@ -188,15 +195,17 @@ def _without_fused_steps():
 
 
 def _step_weight_bytes(model: PerceiverAR, step_dtype) -> float:
-    """Bytes of the weights one cached step reads: every parameter once, linear weights in the step dtype, the
-    input embedding not at all (a step looks up one row; a tied head reads the matrix as a linear layer)."""
+    """Bytes of the weights one cached step reads: every parameter once, linear weights in the step dtype (int8
+    with an fp32 scale per output row), the input embedding not at all (a step looks up one row; a tied head
+    reads the matrix as a linear layer)."""
     total = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue
         for parameter in module.parameters(recurse=False):
             linear = isinstance(module, torch.nn.Linear) and step_dtype is not None
-            total += parameter.numel() * (torch.finfo(step_dtype).bits // 8 if linear else 4)
+            element = torch.empty(0, dtype=step_dtype).element_size() if linear else 4
+            total += parameter.numel() * element + (4 * parameter.shape[0] if linear and element == 1 else 0)
     return total
 
 
@@ -287,12 +296,15 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
         if cpu_decode.available():  # the C step: `--dtype fp32` (fp32 weights and caches), and `auto` (the
             # weights step_weights_dtype picks, and generate.auto_decode_dtypes' caches and refills)
             steps += [("fused", torch.float32), ("fused_auto", auto)]
+            if cpu_decode.supports_int8(model):  # and as `--dtype int8` decodes (runner.Loaded.stepper)
+                steps += [("fused_int8", int8_step_weights_dtype(batch, auto))]
         for label, step_dtype in steps:
             # This VM's bandwidth moves within minutes (32-59 GB/s in one run): measure it right before and
             # after each row as well; the row's fraction of that "adjacent" ceiling says how close the code is to
             # the memory of its own minute, and every adjacent measurement also counts for the run's limit.
             before = streaming_bandwidth(parameters)
-            paths = auto_decode_dtypes(device) if label == "fused_auto" else {}
+            paths = auto_decode_dtypes(device) if label in ("fused_auto", "fused_int8") else {}
+            paths |= {"cache_dtype": torch.int8} if label == "fused_int8" else {}
             fused = label.startswith("fused")
             result = decode_cycle(model, batch, step_dtype, bandwidth, fused=fused, pair_with=pair, **paths)
             adjacent = max(before, streaming_bandwidth(parameters))

@@ -10,7 +10,7 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         efficiency,
         "bench_config",
         lambda context: PerceiverARConfig(
-            vocab_size=64, max_context=4096, num_latents=32, d_model=32, num_heads=2, num_layers=1
+            vocab_size=64, max_context=4096, num_latents=32, d_model=64, num_heads=2, num_layers=1
         ),
     )
     results = efficiency.run(context=256, bf16=False, log=lambda line: None)
@@ -35,6 +35,9 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         assert auto is None or (
             auto["cache_dtype"] == "bfloat16" and auto["bytes_per_step"] < fused["bytes_per_step"]
         )
+        int8 = results.get(f"decode_batch{batch}_fused_int8")  # as `--dtype int8` decodes: int8 caches
+        assert (int8 is not None) == efficiency.cpu_decode.available()
+        assert int8 is None or (int8["cache_dtype"] == "int8" and int8["bytes_per_step"] < auto["bytes_per_step"])
         # the bandwidth beside each row is one of the measurements the run's limit is the highest of
         assert 0 < fp32["bandwidth_adjacent_gb_s"] <= results["bandwidth_gb_s"]
         assert fp32["fraction_of_adjacent_ceiling"] >= fp32["fraction_of_ceiling"]

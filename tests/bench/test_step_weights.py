@@ -48,6 +48,8 @@ def test_step_weight_bytes_halve_the_linear_weights_in_bf16():
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert _step_weight_bytes(model, None) == 4 * model.num_parameters()
     assert _step_weight_bytes(model, torch.bfloat16) == 4 * model.num_parameters() - 2 * linear
+    rows = sum(m.weight.shape[0] for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert _step_weight_bytes(model, torch.int8) == 4 * model.num_parameters() - 3 * linear + 4 * rows
 
 
 def test_decode_cycle_times_one_refill_cycle(monkeypatch):
