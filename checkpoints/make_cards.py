@@ -3,7 +3,8 @@
     .venv/bin/python checkpoints/make_cards.py music-v1 image-v1 text-v1
 
 Reads the checkpoint's config.json, the training run's metrics.jsonl (runs/NAME/, for wall time) and the
-report written by `perceiver report` into checkpoints/NAME/report/ (held-out tables, latents sweep, plots).
+report written by `perceiver report` into checkpoints/NAME/report/ (held-out tables, latents sweep, plots), and
+its step_weights.json (`perceiver bench --step-weights -c NAME --data data/MODALITY --json`: the decode dtypes).
 The prose per model (data, licence, commands) is below; every number comes from those files.
 """
 
@@ -218,6 +219,39 @@ def wall_minutes(run: Path) -> float:
     return (total + last) / 60
 
 
+DECODE_DTYPES = {  # bench --step-weights rows: what `perceiver generate --dtype ...` decodes one sample with
+    "fp32 (exact)": "`--dtype fp32` (exact)",
+    "bf16 step weights, bf16 caches, bf16 refills": "`auto` (bf16 step weights, caches and refills)",
+    "int8 step weights, int8 caches, auto refills": "`--dtype int8` (int8 step weights and caches)",
+}
+
+
+def decode_dtype_lines(name: str, measured: Path) -> list[str]:
+    """The held-out bits of each --dtype through the path that samples (`perceiver bench --step-weights`)."""
+    if not measured.is_file():
+        return []
+    result = json.loads(measured.read_text())
+    rows = {row["weights"]: row["bits_per_token"] for row in result["rows"]}
+    exact = rows["fp32 (exact)"]
+    table = [
+        f"| {label} | {rows[key]:.6f} | {rows[key] - exact:+.6f} |"
+        for key, label in DECODE_DTYPES.items()
+        if key in rows
+    ]
+    return [
+        "### Decode dtypes",
+        "",
+        f"Bits/token of {result['scored_tokens']:,} held-out tokens scored teacher-forced through the path that "
+        f"samples, after prompts from {result['documents']} validation documents (`perceiver bench --step-weights "
+        f'-c {name} --data data/{name.split("-")[0]}`, {result.get("machine", "CPU")}; BENCHMARKS.md "Stop 30"):',
+        "",
+        "| `perceiver generate` | bits/token | change |",
+        "|---|---:|---:|",
+        *table,
+        "",
+    ]
+
+
 def card(name: str) -> str:
     directory = HERE / name
     meta = json.loads((directory / "config.json").read_text())
@@ -371,6 +405,7 @@ def card(name: str) -> str:
         "![quality vs latents](report/latents_bits.png) ![speed vs latents](report/latents_speed.png)",
         "",
     ]
+    lines += decode_dtype_lines(name, report_dir / "step_weights.json")
     if report.get("contexts"):
         lines += ["![long-context effect](report/context_bits.png)", ""]
     if text["notes"]:
