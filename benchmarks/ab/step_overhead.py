@@ -8,6 +8,8 @@ whole `perceiver generate` run, this barely moves with the VM's memory bandwidth
         PYTHONPATH=/tmp/ab_before python benchmarks/ab/step_overhead.py before
         PYTHONPATH=$PWD python benchmarks/ab/step_overhead.py after
     done
+
+--dtype=int8 (or fp32) samples as `perceiver generate --dtype int8` does instead.
 """
 
 import statistics
@@ -45,9 +47,11 @@ def main() -> None:
         self.step = timed(self.step, calls)
 
     cpu_decode.FusedStep.__init__ = timed_init
-    line = [sys.argv[1] if len(sys.argv) > 1 else ""]
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--dtype=")]
+    dtype = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dtype=")), "auto")
+    line = [arguments[0] if arguments else ""]
     for name in ("music-v1", "text-v1"):
-        loaded = load(name, name.split("-")[0])
+        loaded = load(name, name.split("-")[0], dtype=dtype)
         generator = torch.Generator().manual_seed(1)
         prompt = torch.zeros(1, 1, dtype=torch.long)
         calls.clear()
