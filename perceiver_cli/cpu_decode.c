@@ -139,10 +139,43 @@ INLINE void begin(int R, __m512 acc[4][4], int chunked, Chunk chunk) {
             acc[r][j] = !chunked || chunk.first ? _mm512_setzero_ps() : chunk.saved[4 * r + j];
 }
 
+/* Element k: _mm512_reduce_add_ps(v[k]), by the same additions in the same order (GCC's: lanes i + (i + 8), then
+   i + (i + 4) of those, i + (i + 2), and the last two), done for 16 vectors at once: 15 shuffle pairs and adds
+   and a permutation instead of 16 reductions of 8 dependent steps each. */
+INLINE __m512 reduce_16(const __m512 v[16]) {
+    __m512 halves[8], quarters[4], pairs[2];
+    for (int j = 0; j < 8; j++) /* vector 2j's 8 sums in the low half, 2j + 1's in the high half */
+        halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int j = 0; j < 4; j++) /* vectors 4j .. 4j + 3, 4 sums each, one per 128-bit lane */
+        quarters[j] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int j = 0; j < 2; j++) /* lane L: vectors 8j + L and 8j + 4 + L, 2 sums each */
+        pairs[j] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* element 4L + e holds vector L + 4e */
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, sums);
+}
+
 /* the accumulators at the end of a pass: kept for the next chunk, or summed into y (times the output rows'
    `scale`, int8 weights) */
 INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumulate, int chunked, Chunk chunk,
                    const float *scale) {
+    if (R == 4 && (!chunked || chunk.last)) { /* four rows of four sums: reduced together, row r in lane r */
+        const __m512 sums = reduce_16(&acc[0][0]);
+        const __m128 rows[4] = {_mm512_extractf32x4_ps(sums, 0), _mm512_extractf32x4_ps(sums, 1),
+                                _mm512_extractf32x4_ps(sums, 2), _mm512_extractf32x4_ps(sums, 3)};
+        for (int r = 0; r < 4; r++) {
+            __m128 row = rows[r];
+            if (scale) row = _mm_mul_ps(row, _mm_loadu_ps(scale));
+            if (accumulate) row = _mm_add_ps(_mm_loadu_ps(y + r * y_stride), row);
+            _mm_storeu_ps(y + r * y_stride, row);
+        }
+        return;
+    }
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) {
             if (chunked && !chunk.last) {
