@@ -304,6 +304,10 @@ def test_usage_errors(cli, checkpoints, prompt_image, tmp_path):
     _one_line_error(
         cli("generate", "music", "-c", checkpoints["music"], "--prompt-seconds", 3), 2, "needs --prompt"
     )
+    music = ["generate", "music", "-c", checkpoints["music"], "-o", tmp_path / "m.mid"]
+    _one_line_error(cli(*music, "--dtype", "int4"), 2, "unknown dtype 'int4' (choose from auto, fp32, bf16, int8)")
+    # int8 takes d_model and MLP widths in blocks of 64 (and the C step); the tiny checkpoints are 16 wide
+    _one_line_error(cli(*music, "--dtype", "int8"), 2, "--dtype int8")
 
 
 def test_ctrl_c_keeps_finished_samples_and_writes_the_current_one_as_partial(
