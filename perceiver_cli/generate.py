@@ -303,8 +303,9 @@ class DecodeState:
         self.fused: cpu_decode.FusedStep | bool | None = None  # decided with the caches (_allocate)
         self.pending_append = False  # the newest token's cross-attention keys/values are left to the fused step
         self.tokens_numpy = None  # a numpy view of `tokens` (append_token)
-        # bf16 caches halve the bytes a cached step reads from them (at batch 16, 84% of its bytes); only the
-        # fused C step reads them, so they are kept only where it runs (None: the dtype the model computes in)
+        # bf16 caches halve the bytes a cached step reads from them (at batch 16, 84% of its bytes), int8 ones
+        # (--dtype int8: a scale per row) nearly halve them again; only the fused C step reads them, so they are
+        # kept only where it runs (None: the dtype the model computes in)
         # The prompt's prefill and the refills are matmul-bound: with refill_dtype bf16 they run under bf16 autocast
         # (~2x on a CPU with AVX512-BF16) while the cached steps stay the C step's. Both only where that C step will
         # run: the PyTorch steps must read caches in the dtype they compute in.
