@@ -1,5 +1,6 @@
 /* One cached decoding step of Perceiver AR, the whole model in one call (x86 with AVX-512); fp32 arithmetic on
-   fp32 or bf16 weight matrices and fp32 or bf16 key/value caches (bf16 values are widened as they are loaded).
+   fp32, bf16 or int8 weight matrices and fp32, bf16 or int8 key/value caches (bf16 values are widened as they are
+   loaded; int8 ones widened and times their row's fp32 scale).
    With bf16 weights and Model.products_bf16 (batches, AVX512-BF16) the products' input rows are rounded to bf16
    too, and multiplied by vdpbf16ps.
 

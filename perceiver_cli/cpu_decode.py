@@ -7,7 +7,8 @@ releases the GIL) with the newest tokens, their position (the kernel computes it
 lengths. Same arithmetic as DecodeState.step in fp32 on those weights, up to the order of sums and a GELU/exp
 accurate to ~2e-7; bf16 caches (DecodeState's cache_dtype) are read widened and written rounded, and batches of
 BF16_PRODUCTS_ROWS or more rows on bf16 weights multiply bf16-rounded inputs on AVX512-BF16 (BENCHMARKS.md
-"bf16 caches", "bf16 products").
+"bf16 caches", "bf16 products"). int8 weights (an int8 step_model) and int8 caches carry an fp32 scale per row
+and are widened and scaled as they are read (`--dtype int8`, BENCHMARKS.md "Stop 30").
 Built and loaded by cpu_kernels.py; `available()` is False where that fails.
 """
 
@@ -278,7 +279,7 @@ def pack_int8(weight: Tensor, scale: Tensor) -> Tensor:
     if weight.dtype != torch.int8 or inner % 64 or scale.shape != (out,):
         raise ValueError(f"cannot pack a {tuple(weight.shape)} {weight.dtype} weight as int8")
     groups = -(-out // 4)
-    scales = torch.zeros(-(-groups * 4 // 16) * 16)  # fp32: 16 to 64 bytes
+    scales = torch.zeros(-(-groups * 4 // 16) * 16)  # fp32, whole 64-byte lines (int8_scale_bytes in the C)
     scales[:out] = scale.float()
     padded = torch.nn.functional.pad(weight, (0, 0, 0, 4 * groups - out))
     blocks = padded.reshape(groups, 4, inner // 64, 64).permute(0, 2, 1, 3).contiguous()
