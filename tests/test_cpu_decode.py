@@ -198,6 +198,15 @@ def test_fused_steps_with_more_latents_than_trained():
         assert torch.equal(a.tokens, b.tokens)
 
 
+def pytorch_step_keeping_caches(state, window):
+    """The PyTorch step's logits, its latent cache writes undone, so that the C step then writes the same slot."""
+    latents = [t.clone() for t in state.latent_keys + state.latent_values]
+    logits = state.step(window)
+    for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
+        cache.copy_(before)
+    return logits
+
+
 @needs_kernel
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fused_step_with_bf16_weights_is_the_model_with_bf16_rounded_weights(batch):
@@ -217,10 +226,7 @@ def test_fused_step_with_bf16_weights_is_the_model_with_bf16_rounded_weights(bat
         assert fused.weights_bf16
         window = next_window(window, c.max_context, c.num_latents, None)
         state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
-        latents = [t.clone() for t in state.latent_keys + state.latent_values]
-        expected = state.step(window)
-        for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
-            cache.copy_(before)
+        expected = pytorch_step_keeping_caches(state, window)
         position = window.end - 1
         got = fused(state.tokens, position, state.cross_length, state.num_latents - 1)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
@@ -347,10 +353,7 @@ def test_fused_step_with_int8_weights_is_the_model_with_dequantized_weights(batc
                 state.stepper = step_model(model, torch.int8, batch)
             window = next_window(window, c.max_context, c.num_latents, None)
             state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
-            latents = [t.clone() for t in state.latent_keys + state.latent_values]
-            expected = state.step(window)
-            for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
-                cache.copy_(before)
+            expected = pytorch_step_keeping_caches(state, window)
             got = fused(state.tokens, window.end - 1, state.cross_length, state.num_latents - 1)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
