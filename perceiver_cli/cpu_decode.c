@@ -102,6 +102,11 @@ INLINE __m512 load_weights(const void *w, long at, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+/* 16 int8 values from `at`, as fp32 (int8 weights and caches, before their scale) */
+INLINE __m512 load_int8(const void *at) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)at)));
+}
+
 /* The products' weights are packed (cpu_decode.pack): per group of four output rows, 64-byte blocks (16 fp32 or
    32 bf16 values) of the four rows in turn, the last group padded with zero rows. A bf16 block holds elements
    i..i+31 of its row as 16 pairs (i + k, i + 16 + k): its low halves widen to elements i..i+15 and its high
@@ -193,8 +198,8 @@ INLINE void finish(int R, __m512 acc[4][4], float *y, long y_stride, int accumul
    for all R. `format` 0, fp32 weights: 16 values a block; 1, bf16: 32, widened to fp32 as they are loaded (the
    arithmetic stays fp32); 2, int8: 64, widened the same way, each output row's sum then times its `scale`.
    `chunked` (a constant at each call, so that each case is its own loop): 0, the single pass over a whole group,
-   which streams the matrix and prefetches it PREFETCH_BYTES ahead; 1, a pass over one chunk of a group (Chunk). Past the end of the matrix the prefetches are hints to addresses that may not
-   exist, which x86 ignores. */
+   which streams the matrix and prefetches it PREFETCH_BYTES ahead; 1, a pass over one chunk of a group (Chunk).
+   Past the end of the matrix the prefetches are hints to addresses that may not exist, which x86 ignores. */
 INLINE void dot_rows(int R, int format, int chunked, const void *group, int in, const float *x, long x_stride,
                      float *y, long y_stride, int accumulate, Chunk chunk, const float *scale) {
     __m512 acc[4][4];
@@ -206,7 +211,7 @@ INLINE void dot_rows(int R, int format, int chunked, const void *group, int in, 
             for (int k = 0; k < 4; k++) { /* values 16k..16k+15 of each of the four rows */
                 __m512 w[4];
                 for (int j = 0; j < 4; j++)
-                    w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + 64 * j + 16 * k))));
+                    w[j] = load_int8(block + 64 * j + 16 * k);
                 for (int r = 0; r < R; r++) {
                     __m512 xv = _mm512_loadu_ps(x + r * x_stride + i + 16 * k);
                     for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(w[j], xv, acc[r][j]);
@@ -425,8 +430,7 @@ static void rotate(const Step *s, float *x) {
 
 /* 16 cached values from element `at` of a cache of `format` 0 fp32, 1 bf16 or 2 int8 (unscaled), as fp32 */
 INLINE __m512 load_cache(const void *cache, long at, int format) {
-    if (format < 2) return load_weights(cache, at, format);
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)cache + at))));
+    return format < 2 ? load_weights(cache, at, format) : load_int8((const int8_t *)cache + at);
 }
 
 /* the scale of the int8 cache row starting at byte `at`: the fp32 after its D values */
