@@ -240,8 +240,11 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     parameters = model.num_parameters()
     with_bf16 = cpu_has_fast_bf16() if bf16 is None else bf16
     results: dict = {"parameters": parameters, "context": context, "bf16_measured": with_bf16}
-    # which kernel bf16 inference attends with (training always uses PyTorch's)
-    results["bf16_attention_kernel"] = "perceiver_cli/cpu_attention.c" if cpu_attention.available() else "PyTorch"
+    # which kernel bf16 prefill attends with at this context
+    ours = cpu_attention.available() and not cpu_attention.pytorch_bf16_is_faster(
+        config.num_latents, context, False
+    )
+    results["bf16_attention_kernel"] = "perceiver_cli/cpu_attention.c" if ours else "PyTorch"
     peaks = {"fp32": gemm_peak(torch.float32)}
     if with_bf16:
         peaks["bf16"] = gemm_peak(torch.bfloat16)
