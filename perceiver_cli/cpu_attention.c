@@ -11,6 +11,10 @@
    Before the queries run, each head's keys and values are repacked once into the pair-interleaved layouts
    vdpbf16ps reads: K as [key block][D/2][KEY_BLOCK] 32-bit pairs along D, V as [key block][KEY_BLOCK/2][D] pairs
    of consecutive keys. Built by perceiver_cli/cpu_kernels.py with the system C compiler; no PyTorch headers.
+
+   On CPUs with AMX (Intel Sapphire Rapids and later) the forward pass's two products run on AMX tiles instead
+   (`attention_use_amx`): those packed layouts are already the pair-interleaved ("VNNI") right operands tdpbf16ps
+   takes, so only the multiplication changes; the online softmax stays in AVX-512.
 */
 #include <immintrin.h>
 #include <math.h>
@@ -18,6 +22,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "cpu_simd.h"
 
@@ -25,6 +31,10 @@ typedef uint16_t bf16;
 
 #define KEY_BLOCK 64    /* keys per tile: four 16-lane vectors */
 #define QUERY_BLOCK 96  /* queries per work item; a multiple of every row tile below */
+#define AMX_QUERY_BLOCK 192 /* on AMX tiles: each item reads its head's keys and values once, so larger items read
+                               them fewer times (a multiple of 16) */
+#define AMX_QUERY_TILE 64   /* queries per tile of a backward item on AMX: four tiles of 16 rows, two 32-query
+                               steps of the products over keys */
 #define ACCUMULATORS 24 /* zmm registers kept as accumulators (of 32) */
 
 INLINE __m512bh pair_broadcast(const bf16 *at) { return (__m512bh)_mm512_set1_epi32(*(const int32_t *)at); }
@@ -105,6 +115,118 @@ INLINE void value_tile_f32(int rows, int D, const float *probs, const float *v_r
     }
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + r * D + 16 * c, acc[r][c]);
+}
+
+/* AMX: eight tile registers of up to 16 rows of 64 bytes. Every tile here is configured full size: tiles 0-3 hold
+   fp32 sums (16 rows x 16 columns), 4 a left operand (16 rows x 32 bf16), 5-6 right operands (16 pairs of rows
+   x 16 columns, pair-interleaved). The configuration is per thread; each worker loads it and releases it. */
+#define AMX_ROWS 16
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+static int use_amx; /* set by attention_use_amx */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+AMX_TARGET static void amx_begin(void) {
+    TileConfig config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = AMX_ROWS;
+    /* GCC 12 does not see ldtilecfg read the struct and drops the stores above without this barrier */
+    __asm__ __volatile__("" : : "r"(&config) : "memory");
+    _tile_loadconfig(&config);
+}
+
+AMX_TARGET static void amx_end(void) { _tile_release(); }
+
+/* Turns the AMX products on (1) or off (0); returns whether they are on. Linux hands a process AMX's 8 KB of tile
+   state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); where that fails, they stay off. */
+int attention_use_amx(int on) {
+    use_amx = on && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return use_amx;
+}
+
+/* Whether the AMX products are on. */
+int attention_amx(void) { return use_amx; }
+
+/* tiles T0, T1 += tile 4 times the 16-column right operands at b and b + 16 (rows `stride` bytes apart) */
+#define AMX_TWO_PRODUCTS(T0, T1, b, stride)                                                                          \
+    do {                                                                                                             \
+        _tile_loadd(5, b, stride);                                                                                   \
+        _tile_loadd(6, (b) + 16, stride);                                                                            \
+        _tile_dpbf16ps(T0, 4, 5);                                                                                    \
+        _tile_dpbf16ps(T1, 4, 6);                                                                                    \
+    } while (0)
+/* tiles 0-3 to or from the 16 x 64 fp32 sums at `at` (op: _tile_loadd or _tile_stored) */
+#define AMX_MOVE_FOUR(op, at, stride)                                                                                \
+    do {                                                                                                             \
+        op(0, at, stride);                                                                                           \
+        op(1, (at) + 16, stride);                                                                                    \
+        op(2, (at) + 32, stride);                                                                                    \
+        op(3, (at) + 48, stride);                                                                                    \
+    } while (0)
+
+/* scores[16 g + r][0:KEY_BLOCK] = q[16 g + r] . k_packed (no scale) for `groups` groups of 16 query rows of q
+   (rows of D bf16, contiguous) */
+AMX_TARGET static void amx_score_tiles(int groups, int D, const bf16 *q, const uint32_t *k_packed, float *scores) {
+    for (int g = 0; g < groups; g++) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int step = 0; step < D / 32; step++) { /* 32 of the D dimensions: 16 pairs */
+            const uint32_t *kp = k_packed + (long)step * 16 * KEY_BLOCK;
+            _tile_loadd(4, q + (long)g * AMX_ROWS * D + 32 * step, 2 * D);
+            AMX_TWO_PRODUCTS(0, 1, kp, 4 * KEY_BLOCK);
+            AMX_TWO_PRODUCTS(2, 3, kp + 32, 4 * KEY_BLOCK);
+        }
+        AMX_MOVE_FOUR(_tile_stored, scores + (long)g * AMX_ROWS * KEY_BLOCK, 4 * KEY_BLOCK);
+    }
+}
+
+/* acc[16 g + r][0:D] += probs[16 g + r] . v_packed for `groups` groups of 16 rows (probs: rows of KEY_BLOCK
+   bf16), 64 columns of acc (four tiles) at a time, or the last 32 where D is 32 or 96 */
+AMX_TARGET static void amx_value_tiles(int groups, int D, const bf16 *probs, const uint32_t *v_packed, float *acc) {
+    for (int g = 0; g < groups; g++)
+        for (int c = 0; c < D / 16; c += 4) {
+            float *a = acc + (long)g * AMX_ROWS * D + 16 * c;
+            const int four = D / 16 - c >= 4;
+            if (four) AMX_MOVE_FOUR(_tile_loadd, a, 4 * D);
+            else {
+                _tile_loadd(0, a, 4 * D);
+                _tile_loadd(1, a + 16, 4 * D);
+            }
+            for (int step = 0; step < KEY_BLOCK / 32; step++) { /* 32 keys: 16 pairs */
+                const uint32_t *vp = v_packed + (long)step * 16 * D + 16 * c;
+                _tile_loadd(4, probs + (long)g * AMX_ROWS * KEY_BLOCK + 32 * step, 2 * KEY_BLOCK);
+                AMX_TWO_PRODUCTS(0, 1, vp, 4 * D);
+                if (four) AMX_TWO_PRODUCTS(2, 3, vp + 32, 4 * D);
+            }
+            if (four) AMX_MOVE_FOUR(_tile_stored, a, 4 * D);
+            else {
+                _tile_stored(0, a, 4 * D);
+                _tile_stored(1, a + 16, 4 * D);
+            }
+        }
+}
+
+/* acc_t[d][0:KEY_BLOCK] += x_t[d][q0:q0 + 64] . pairs for every d < D, pairs holding 32 pairs of query rows
+   ([pair][KEY_BLOCK] words) and x_t a head of q or dO transposed (rows of `row` bf16): dK and dV of the backward
+   pass, transposed (16 dimensions by 64 keys of tiles at a time) */
+AMX_TARGET static void amx_key_tiles(int D, const bf16 *x_t, long row, long q0, const uint32_t *pairs, float *acc_t) {
+    for (int g = 0; g < D / 16; g++) {
+        float *a = acc_t + (long)g * 16 * KEY_BLOCK;
+        AMX_MOVE_FOUR(_tile_loadd, a, 4 * KEY_BLOCK);
+        for (int step = 0; step < AMX_QUERY_TILE / 32; step++) {
+            const uint32_t *pp = pairs + (long)step * 16 * KEY_BLOCK;
+            _tile_loadd(4, x_t + (long)g * 16 * row + q0 + 32 * step, 2 * row);
+            AMX_TWO_PRODUCTS(0, 1, pp, 4 * KEY_BLOCK);
+            AMX_TWO_PRODUCTS(2, 3, pp + 32, 4 * KEY_BLOCK);
+        }
+        AMX_MOVE_FOUR(_tile_stored, a, 4 * KEY_BLOCK);
+    }
 }
 
 /* the tile functions with a constant row count, so that their accumulators stay in registers */
@@ -222,12 +344,13 @@ static void pack_head(Job *job, int bh) {
 
 /* one block of queries of one (batch, head) over every key it sees; `f32` (a constant where inlined): fp32
    tensors and FMA tiles, else bf16 and vdpbf16ps */
-INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *probs, float *acc, float *row_max,
-                     float *row_sum) {
+INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores, void *probs, float *acc,
+                     float *row_max, float *row_sum, bf16 *q_rows) {
     /* items run from the most keys to the fewest, so the causal tail balances across threads */
     const int qblock = job->query_blocks - 1 - item % job->query_blocks, bh = item / job->query_blocks;
     const int b = bh / job->heads, h = bh % job->heads, rows_per_tile = ACCUMULATORS / (D / 16) > 6 ? 6 : ACCUMULATORS / (D / 16);
-    const int first = qblock * QUERY_BLOCK, count = job->n - first < QUERY_BLOCK ? job->n - first : QUERY_BLOCK;
+    const int block_rows = amx ? AMX_QUERY_BLOCK : QUERY_BLOCK;
+    const int first = qblock * block_rows, count = job->n - first < block_rows ? job->n - first : block_rows;
     const long offset = (long)job->num_keys - job->n; /* query i sees keys <= i + offset when causal */
     const long key_end = job->causal ? first + count + offset : job->num_keys;
     const long q_at = b * job->q_strides[0] + h * job->q_strides[1] + (long)first * job->q_strides[2];
@@ -240,9 +363,16 @@ INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *pr
     const __m512 scale = _mm512_set1_ps(job->scale_log2);
     for (int i = 0; i < count; i++) row_max[i] = -INFINITY, row_sum[i] = 0.0f;
     memset(acc, 0, sizeof(float) * count * D);
+    const int groups = (count + AMX_ROWS - 1) / AMX_ROWS;
+    if (amx) { /* whole tiles of 16 rows: the queries copied contiguous, zeros past the last */
+        for (int i = 0; i < groups * AMX_ROWS; i++)
+            if (i < count) memcpy(q_rows + i * D, q + i * job->q_strides[2], sizeof(bf16) * D);
+            else memset(q_rows + i * D, 0, sizeof(bf16) * D);
+    }
     for (long start = 0; start < key_end; start += KEY_BLOCK) {
         const long block = start / KEY_BLOCK;
-        for (int r = 0; r < count; r += rows_per_tile) {
+        if (amx) amx_score_tiles(groups, D, q_rows, kp + block * KEY_BLOCK * (D / 2), scores);
+        for (int r = 0; r < count && !amx; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
             const long q_row = job->q_strides[2];
             float *sr = scores + r * KEY_BLOCK;
@@ -269,6 +399,9 @@ INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *pr
             }
             __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16), s2 = _mm512_loadu_ps(s + 32),
                    s3 = _mm512_loadu_ps(s + 48);
+            if (amx) /* the tiles leave the scores unscaled */
+                s0 = _mm512_mul_ps(s0, scale), s1 = _mm512_mul_ps(s1, scale), s2 = _mm512_mul_ps(s2, scale),
+                s3 = _mm512_mul_ps(s3, scale);
             float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3)));
             float new_max = block_max > row_max[i] ? block_max : row_max[i];
             __m512 m = _mm512_set1_ps(new_max);
@@ -298,7 +431,8 @@ INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *pr
         }
         const uint32_t *vb = f32 ? NULL : vp + block * KEY_BLOCK * (D / 2);
         const float *vb32 = f32 ? vp32 + block * KEY_BLOCK * D : NULL;
-        for (int r = 0; r < count; r += rows_per_tile) {
+        if (amx) amx_value_tiles(groups, D, (const bf16 *)probs, vb, acc);
+        for (int r = 0; r < count && !amx; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
             float *ar = acc + r * D;
 #define VALUE_TILE(R)                                                                                                \
@@ -321,23 +455,28 @@ INLINE void run_item(Job *job, int item, int D, int f32, float *scores, void *pr
 }
 
 static void run_items(Job *job, int D) {
-    float *scores = aligned_alloc(64, sizeof(float) * QUERY_BLOCK * KEY_BLOCK);
-    void *probs = aligned_alloc(64, sizeof(float) * QUERY_BLOCK * KEY_BLOCK);
-    float *acc = aligned_alloc(64, sizeof(float) * QUERY_BLOCK * 128);
-    float row_max[QUERY_BLOCK], row_sum[QUERY_BLOCK];
+    const int amx = use_amx && !job->f32;
+    float *scores = aligned_alloc(64, sizeof(float) * AMX_QUERY_BLOCK * KEY_BLOCK);
+    void *probs = aligned_alloc(64, sizeof(float) * AMX_QUERY_BLOCK * KEY_BLOCK);
+    float *acc = aligned_alloc(64, sizeof(float) * AMX_QUERY_BLOCK * 128);
+    bf16 *q_rows = aligned_alloc(64, sizeof(bf16) * AMX_QUERY_BLOCK * 128);
+    float row_max[AMX_QUERY_BLOCK], row_sum[AMX_QUERY_BLOCK];
+    memset(probs, 0, sizeof(float) * AMX_QUERY_BLOCK * KEY_BLOCK); /* AMX reads whole tiles: no uninitialised rows */
+    if (amx) amx_begin();
     for (int item = take(job); item < job->items; item = take(job)) {
         switch (D + job->f32) { /* one specialisation per supported head size and precision */
-        case 32: run_item(job, item, 32, 0, scores, probs, acc, row_max, row_sum); break;
-        case 64: run_item(job, item, 64, 0, scores, probs, acc, row_max, row_sum); break;
-        case 96: run_item(job, item, 96, 0, scores, probs, acc, row_max, row_sum); break;
-        case 128: run_item(job, item, 128, 0, scores, probs, acc, row_max, row_sum); break;
-        case 33: run_item(job, item, 32, 1, scores, probs, acc, row_max, row_sum); break;
-        case 65: run_item(job, item, 64, 1, scores, probs, acc, row_max, row_sum); break;
-        case 97: run_item(job, item, 96, 1, scores, probs, acc, row_max, row_sum); break;
-        default: run_item(job, item, 128, 1, scores, probs, acc, row_max, row_sum); break;
+        case 32: run_item(job, item, 32, 0, amx, scores, probs, acc, row_max, row_sum, q_rows); break;
+        case 64: run_item(job, item, 64, 0, amx, scores, probs, acc, row_max, row_sum, q_rows); break;
+        case 96: run_item(job, item, 96, 0, amx, scores, probs, acc, row_max, row_sum, q_rows); break;
+        case 128: run_item(job, item, 128, 0, amx, scores, probs, acc, row_max, row_sum, q_rows); break;
+        case 33: run_item(job, item, 32, 1, 0, scores, probs, acc, row_max, row_sum, q_rows); break;
+        case 65: run_item(job, item, 64, 1, 0, scores, probs, acc, row_max, row_sum, q_rows); break;
+        case 97: run_item(job, item, 96, 1, 0, scores, probs, acc, row_max, row_sum, q_rows); break;
+        default: run_item(job, item, 128, 1, 0, scores, probs, acc, row_max, row_sum, q_rows); break;
         }
     }
-    free(scores), free(probs), free(acc);
+    if (amx) amx_end();
+    free(scores), free(probs), free(acc), free(q_rows);
 }
 
 static void pack_worker(Job *job) {
@@ -370,7 +509,9 @@ typedef struct {
     float scale;
     int key_blocks, query_words; /* query_words: 32-bit words of one head's q (or dO) packed along queries */
     uint32_t *k_dim, *k_rows, *v_dim, *q_rows, *dout_rows;
-    float *lse2, *delta, *dq_partial; /* (BH, n), (BH, n), (threads, BH, n, D) */
+    float *lse2, *delta, *dq_partial; /* (BH, n), (BH, n), (threads, BH, dq_rows, D) */
+    int amx, dq_rows;                  /* AMX tiles; rows of each dQ copy (n, padded for whole tiles on AMX) */
+    bf16 *q_pad, *dout_pad, *q_t, *dout_t; /* AMX: (BH, dq_rows, D) with zero rows past n, and transposed */
     int next;
 } Backward;
 
@@ -420,8 +561,20 @@ static void prepare_head(Backward *job, int bh) {
         job->delta[(long)bh * n + i] = _mm512_reduce_add_ps(sum);
         job->lse2[(long)bh * n + i] = job->lse[(long)bh * n + i] * 1.44269504f;
     }
-    const long BH = (long)job->batch * job->heads;
-    for (int t = 0; t < job->threads; t++) memset(job->dq_partial + ((long)t * BH + bh) * n * D, 0, sizeof(float) * n * D);
+    const long BH = (long)job->batch * job->heads, rows = job->dq_rows;
+    for (int t = 0; t < job->threads; t++)
+        memset(job->dq_partial + ((long)t * BH + bh) * rows * D, 0, sizeof(float) * rows * D);
+    if (job->amx) { /* whole 16-row tiles read zeros past the last query */
+        bf16 *qp = job->q_pad + bh * rows * D, *op = job->dout_pad + bh * rows * D;
+        bf16 *qt = job->q_t + bh * rows * D, *ot = job->dout_t + bh * rows * D;
+        memset(qp, 0, sizeof(bf16) * rows * D), memset(op, 0, sizeof(bf16) * rows * D);
+        memset(qt, 0, sizeof(bf16) * rows * D), memset(ot, 0, sizeof(bf16) * rows * D);
+        for (int i = 0; i < n; i++) {
+            memcpy(qp + (long)i * D, q + i * job->q_strides[2], sizeof(bf16) * D);
+            memcpy(op + (long)i * D, dout + i * job->dout_strides[2], sizeof(bf16) * D);
+            for (int d = 0; d < D; d++) qt[d * rows + i] = qp[(long)i * D + d], ot[d * rows + i] = op[(long)i * D + d];
+        }
+    }
 }
 
 /* two rows' values (`even`, `odd`: 16 keys each) as bf16 pairs, even row in the low half of each word */
@@ -437,7 +590,7 @@ typedef struct {
     uint32_t *p_pairs, *ds_pairs;      /* QUERY_TILE/2 x KEY_BLOCK words: P and dS in query pairs */
 } Scratch;
 
-INLINE void backward_item(Backward *job, int item, int D, const Scratch *w, float *dq_partial) {
+INLINE void backward_item(Backward *job, int item, int D, int amx, const Scratch *w, float *dq_partial) {
     const int BH = job->batch * job->heads, kb = item / BH, bh = item % BH; /* the most-seen key blocks first */
     const int b = bh / job->heads, h = bh % job->heads, n = job->n;
     const int rows_per_tile = ACCUMULATORS / (D / 16) > 6 ? 6 : ACCUMULATORS / (D / 16);
@@ -453,13 +606,19 @@ INLINE void backward_item(Backward *job, int item, int D, const Scratch *w, floa
     const long q_row = job->q_strides[2], dout_row = job->dout_strides[2];
     const bf16 *q = job->q + b * job->q_strides[0] + h * job->q_strides[1];
     const bf16 *dout = job->dout + b * job->dout_strides[0] + h * job->dout_strides[1];
-    float *dq = dq_partial + (long)bh * n * D;
+    float *dq = dq_partial + (long)bh * job->dq_rows * D;
+    const long pad_at = (long)bh * job->dq_rows * D; /* this head in q_pad, dout_pad, q_t, dout_t */
+    const int tile = amx ? AMX_QUERY_TILE : QUERY_TILE;
     const __m512 scale_log2 = _mm512_set1_ps(job->scale * 1.44269504f), one = _mm512_set1_ps(1.0f);
     const __m512 scale = _mm512_set1_ps(job->scale);
     memset(w->dk, 0, sizeof(float) * KEY_BLOCK * D), memset(w->dv, 0, sizeof(float) * KEY_BLOCK * D);
-    for (long q0 = q_first; q0 < n; q0 += QUERY_TILE) {
-        const int count = n - q0 < QUERY_TILE ? (int)(n - q0) : QUERY_TILE, pairs = (count + 1) / 2;
-        for (int r = 0; r < count; r += 6) {
+    for (long q0 = q_first; q0 < n; q0 += tile) {
+        const int count = n - q0 < tile ? (int)(n - q0) : tile, pairs = amx ? tile / 2 : (count + 1) / 2;
+        if (amx) { /* raw sums: S is scaled below */
+            amx_score_tiles(tile / AMX_ROWS, D, job->q_pad + pad_at + q0 * D, k_dim, w->scores);
+            amx_score_tiles(tile / AMX_ROWS, D, job->dout_pad + pad_at + q0 * D, v_dim, w->dprobs);
+        }
+        for (int r = 0; r < count && !amx; r += 6) {
             const int rows = count - r < 6 ? count - r : 6;
 #define SCORES(R)                                                                                                    \
     score_tile(R, D, q + (q0 + r) * q_row, q_row, k_dim, w->scores + r * KEY_BLOCK, scale_log2);                   \
@@ -477,11 +636,11 @@ INLINE void backward_item(Backward *job, int item, int D, const Scratch *w, floa
                 for (int c = 0; c < 4; c++) {
                     const __mmask16 keep = visible - 16 * c <= 0 ? 0 : tail_mask(visible - 16 * c);
                     const float *s = w->scores + (i + j) * KEY_BLOCK + 16 * c, *dp = w->dprobs + (i + j) * KEY_BLOCK + 16 * c;
-                    p[j][c] = keep ? _mm512_maskz_mov_ps(keep, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s), top)))
-                                   : _mm512_setzero_ps();
+                    const __m512 score = amx ? _mm512_mul_ps(_mm512_loadu_ps(s), scale_log2) : _mm512_loadu_ps(s);
+                    p[j][c] = keep ? _mm512_maskz_mov_ps(keep, exp2_ps(_mm512_sub_ps(score, top))) : _mm512_setzero_ps();
                     ds[j][c] = keep ? _mm512_mul_ps(_mm512_mul_ps(p[j][c], _mm512_sub_ps(_mm512_loadu_ps(dp), d)), scale)
                                     : _mm512_setzero_ps();
-                    if (i + j < count)
+                    if (i + j < count || amx) /* AMX tiles read whole rows */
                         _mm256_storeu_si256((__m256i *)(w->ds_rows + (i + j) * KEY_BLOCK + 16 * c),
                                             (__m256i)_mm512_cvtneps_pbh(ds[j][c]));
                 }
@@ -490,6 +649,12 @@ INLINE void backward_item(Backward *job, int item, int D, const Scratch *w, floa
                 _mm512_storeu_si512(w->p_pairs + (i / 2) * KEY_BLOCK + 16 * c, pair_rows(p[0][c], p[1][c]));
                 _mm512_storeu_si512(w->ds_pairs + (i / 2) * KEY_BLOCK + 16 * c, pair_rows(ds[0][c], ds[1][c]));
             }
+        }
+        if (amx) {
+            amx_key_tiles(D, job->dout_t + pad_at, job->dq_rows, q0, w->p_pairs, w->dv);
+            amx_key_tiles(D, job->q_t + pad_at, job->dq_rows, q0, w->ds_pairs, w->dk);
+            amx_value_tiles(tile / AMX_ROWS, D, w->ds_rows, k_rows, dq + q0 * D);
+            continue;
         }
         for (int k0 = 0; k0 < keys_here; k0 += rows_per_tile) {
             const int rows = keys_here - k0 < rows_per_tile ? keys_here - k0 : rows_per_tile;
@@ -508,7 +673,16 @@ INLINE void backward_item(Backward *job, int item, int D, const Scratch *w, floa
     }
     bf16 *dk = job->dk + b * job->dk_strides[0] + h * job->dk_strides[1] + key_start * job->dk_strides[2];
     bf16 *dv = job->dv + b * job->dv_strides[0] + h * job->dv_strides[1] + key_start * job->dv_strides[2];
-    for (int r = 0; r < keys_here; r++)
+    const __m512i transposed = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                  _mm512_set1_epi32(KEY_BLOCK));
+    for (int r = 0; r < keys_here && amx; r++) /* the AMX sums are [D][KEY_BLOCK] */
+        for (int d = 0; d < D; d += 16) {
+            const __m512 dk_row = _mm512_i32gather_ps(transposed, w->dk + d * KEY_BLOCK + r, 4);
+            const __m512 dv_row = _mm512_i32gather_ps(transposed, w->dv + d * KEY_BLOCK + r, 4);
+            _mm256_storeu_si256((__m256i *)(dk + r * job->dk_strides[2] + d), (__m256i)_mm512_cvtneps_pbh(dk_row));
+            _mm256_storeu_si256((__m256i *)(dv + r * job->dv_strides[2] + d), (__m256i)_mm512_cvtneps_pbh(dv_row));
+        }
+    for (int r = 0; r < keys_here && !amx; r++)
         for (int d = 0; d < D; d += 16) {
             _mm256_storeu_si256((__m256i *)(dk + r * job->dk_strides[2] + d),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w->dk + r * D + d)));
@@ -525,30 +699,32 @@ static void sum_query_gradients(Backward *job, int bh) {
         for (int d = 0; d < D; d += 16) {
             __m512 sum = _mm512_setzero_ps();
             for (int t = 0; t < job->threads; t++)
-                sum = _mm512_add_ps(sum, _mm512_loadu_ps(job->dq_partial + (((long)t * BH + bh) * n + i) * D + d));
+                sum = _mm512_add_ps(sum, _mm512_loadu_ps(job->dq_partial + (((long)t * BH + bh) * job->dq_rows + i) * D + d));
             _mm256_storeu_si256((__m256i *)(dq + i * job->dq_strides[2] + d), (__m256i)_mm512_cvtneps_pbh(sum));
         }
 }
 
 static void backward_worker(Backward *job, int D) {
-    Scratch w;
-    w.scores = aligned_alloc(64, sizeof(float) * QUERY_TILE * KEY_BLOCK);
-    w.dprobs = aligned_alloc(64, sizeof(float) * QUERY_TILE * KEY_BLOCK);
+    Scratch w; /* sized for the larger of the two query tiles */
+    w.scores = aligned_alloc(64, sizeof(float) * AMX_QUERY_TILE * KEY_BLOCK);
+    w.dprobs = aligned_alloc(64, sizeof(float) * AMX_QUERY_TILE * KEY_BLOCK);
     w.dk = aligned_alloc(64, sizeof(float) * KEY_BLOCK * 128);
     w.dv = aligned_alloc(64, sizeof(float) * KEY_BLOCK * 128);
-    w.ds_rows = aligned_alloc(64, sizeof(bf16) * QUERY_TILE * KEY_BLOCK);
-    w.p_pairs = aligned_alloc(64, sizeof(uint32_t) * QUERY_TILE / 2 * KEY_BLOCK);
-    w.ds_pairs = aligned_alloc(64, sizeof(uint32_t) * QUERY_TILE / 2 * KEY_BLOCK);
-    float *dq_partial = job->dq_partial + (long)omp_get_thread_num() * job->batch * job->heads * job->n * D;
-    const int items = job->key_blocks * job->batch * job->heads;
+    w.ds_rows = aligned_alloc(64, sizeof(bf16) * AMX_QUERY_TILE * KEY_BLOCK);
+    w.p_pairs = aligned_alloc(64, sizeof(uint32_t) * AMX_QUERY_TILE / 2 * KEY_BLOCK);
+    w.ds_pairs = aligned_alloc(64, sizeof(uint32_t) * AMX_QUERY_TILE / 2 * KEY_BLOCK);
+    float *dq_partial = job->dq_partial + (long)omp_get_thread_num() * job->batch * job->heads * job->dq_rows * D;
+    const int items = job->key_blocks * job->batch * job->heads, amx = job->amx;
+    if (amx) amx_begin();
     for (int item = take_backward(job); item < items; item = take_backward(job)) {
         switch (D) {
-        case 32: backward_item(job, item, 32, &w, dq_partial); break;
-        case 64: backward_item(job, item, 64, &w, dq_partial); break;
-        case 96: backward_item(job, item, 96, &w, dq_partial); break;
-        default: backward_item(job, item, 128, &w, dq_partial); break;
+        case 32: backward_item(job, item, 32, amx, &w, dq_partial); break;
+        case 64: backward_item(job, item, 64, amx, &w, dq_partial); break;
+        case 96: backward_item(job, item, 96, amx, &w, dq_partial); break;
+        default: backward_item(job, item, 128, amx, &w, dq_partial); break;
         }
     }
+    if (amx) amx_end();
     free(w.scores), free(w.dprobs), free(w.dk), free(w.dv), free(w.ds_rows), free(w.p_pairs), free(w.ds_pairs);
 }
 
@@ -601,7 +777,8 @@ int bf16_flash_attention(int batch, int heads, int n, int num_keys, int D, int c
         job.out_strides[i] = out_strides[i];
     job.out = out, job.lse = lse, job.scale_log2 = scale * 1.44269504f;
     job.key_blocks = (num_keys + KEY_BLOCK - 1) / KEY_BLOCK;
-    job.query_blocks = (n + QUERY_BLOCK - 1) / QUERY_BLOCK;
+    const int block_rows = use_amx ? AMX_QUERY_BLOCK : QUERY_BLOCK; /* run_item's rows per item */
+    job.query_blocks = (n + block_rows - 1) / block_rows;
     job.items = batch * heads * job.query_blocks;
     job.k_packed = workspace;
     job.v_packed = job.k_packed + (size_t)batch * heads * job.key_blocks * KEY_BLOCK * (D / 2);
@@ -611,12 +788,17 @@ int bf16_flash_attention(int batch, int heads, int n, int num_keys, int D, int c
 }
 
 
+/* Rows of each fp32 dQ copy of the backward pass: on AMX, whole tiles of queries from any even start past n */
+static long dq_rows(int n) { return use_amx ? (n + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS + AMX_QUERY_TILE : n; }
+
 /* Bytes of the workspace bf16_flash_attention_backward needs: packed keys, values, queries and output
-   gradients, two fp32 rows of statistics and one fp32 dQ per thread. */
+   gradients, two fp32 rows of statistics and one fp32 dQ per thread (and on AMX padded and transposed copies
+   of q and dO). */
 long bf16_flash_attention_backward_workspace(int batch, int heads, int n, int num_keys, int D, int threads) {
     const long BH = (long)batch * heads, key_words = (long)((num_keys + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2);
-    const long query_words = (long)((n + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2);
-    return sizeof(uint32_t) * BH * (3 * key_words + 2 * query_words) + sizeof(float) * BH * n * (2 + (long)threads * D);
+    const long query_words = (long)((n + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2), rows = dq_rows(n);
+    return sizeof(uint32_t) * BH * (3 * key_words + 2 * query_words) + sizeof(float) * BH * (2L * n + (long)threads * rows * D) +
+           (use_amx ? sizeof(bf16) * 4 * BH * rows * D : 0);
 }
 
 /* dq, dk, dv (bf16, any strides with unit stride along D) of the attention bf16_flash_attention computed, from
@@ -643,6 +825,10 @@ int bf16_flash_attention_backward(int batch, int heads, int n, int num_keys, int
     job.q_rows = job.v_dim + BH * key_words, job.dout_rows = job.q_rows + BH * job.query_words;
     job.lse2 = (float *)(job.dout_rows + BH * job.query_words), job.delta = job.lse2 + BH * n;
     job.dq_partial = job.delta + BH * n;
+    job.amx = use_amx, job.dq_rows = (int)dq_rows(n);
+    job.q_pad = (bf16 *)(job.dq_partial + (long)job.threads * BH * job.dq_rows * D);
+    job.dout_pad = job.q_pad + BH * job.dq_rows * D;
+    job.q_t = job.dout_pad + BH * job.dq_rows * D, job.dout_t = job.q_t + BH * job.dq_rows * D;
     /* the same OpenMP runtime as PyTorch's (see run_parallel); thread ids index the dQ copies */
     job.next = 0;
 #pragma omp parallel num_threads(job.threads)

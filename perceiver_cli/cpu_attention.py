@@ -8,9 +8,10 @@ backward pass (Dao 2023): `trainable_attention` is the pair as an autograd funct
 (BENCHMARKS.md "bf16 training attention"). Where building fails, `available()` is False and the model keeps
 PyTorch's kernels.
 
-On CPUs with AMX (Intel Sapphire Rapids and later) PyTorch's bf16 flash kernels multiply on AMX tiles (oneDNN's
-brgemm) and beat these vdpbf16ps loops: 3.4x in inference, 1.6x forward and backward at 1,024 queries over 16k
-keys (BENCHMARKS.md "AMX: PyTorch's bf16 attention"), so `supports` hands bf16 to them there; fp32 stays ours.
+On CPUs with AMX (Intel Sapphire Rapids and later) the bf16 products run on AMX tiles instead (`use_amx`): 3.7x
+the vdpbf16ps loops forward and backward, 2.4x PyTorch's flash kernels (which use AMX too) at 1,024 queries over
+16k keys (BENCHMARKS.md "Stop 31"). Where the CPU has AMX but Linux refuses the process its tile state, PyTorch's
+kernels are the faster ones and `supports` hands bf16 to them.
 """
 
 from __future__ import annotations
@@ -52,13 +53,30 @@ def _kernel():
     backward_workspace.argtypes, backward_workspace.restype = [ctypes.c_int] * 6, ctypes.c_long
     f32_function = library.f32_flash_attention
     f32_function.argtypes, f32_function.restype = function.argtypes, ctypes.c_int
+    library.attention_use_amx.argtypes, library.attention_use_amx.restype = [ctypes.c_int], ctypes.c_int
+    library.attention_use_amx(int({"amx_tile", "amx_bf16"} <= cpu_flags()))
+    library.attention_amx.argtypes, library.attention_amx.restype = [], ctypes.c_int
     return {
         torch.bfloat16: function,
         torch.float32: f32_function,
         "workspace": workspace,
         "backward": backward,
         "backward_workspace": backward_workspace,
+        "use_amx": library.attention_use_amx,
+        "amx": library.attention_amx,
     }
+
+
+def use_amx(on: bool = True) -> bool:
+    """Runs the bf16 products (forward and backward) on AMX tiles (on) or on vdpbf16ps (off); returns whether AMX
+    is on. It is on from the first use wherever the CPU has AMX and Linux grants the process its tile state."""
+    kernels = _kernel()
+    return bool(kernels and kernels["use_amx"](int(on and {"amx_tile", "amx_bf16"} <= cpu_flags())))
+
+
+def amx_on() -> bool:
+    kernels = _kernel()
+    return bool(kernels and kernels["amx"]())
 
 
 def available() -> bool:
@@ -82,9 +100,9 @@ def supports(q: Tensor, k: Tensor, v: Tensor, training: bool = False) -> bool:
 
 
 def pytorch_bf16_is_faster(num_queries: int, num_keys: int, training: bool) -> bool:
-    """Whether PyTorch's bf16 attention beats ours here: on AMX CPUs, except for training steps whose mask would
-    be large (see AMX_TRAINING_MASK_LIMIT)."""
-    if "amx_bf16" not in cpu_flags():
+    """Whether PyTorch's bf16 attention beats ours here: on AMX CPUs where ours cannot use AMX, except for
+    training steps whose mask would be large (see AMX_TRAINING_MASK_LIMIT)."""
+    if "amx_bf16" not in cpu_flags() or amx_on():
         return False
     return not training or num_queries * num_keys <= AMX_TRAINING_MASK_LIMIT
 

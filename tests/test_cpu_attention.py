@@ -9,6 +9,17 @@ from perceiver_cli.model import PerceiverAR, PerceiverARConfig, causal_attention
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="needs AVX512-BF16 and a C compiler")
 
 
+@pytest.fixture(params=["vdpbf16ps", "amx"])
+def products(request):
+    """Runs a test with the bf16 products on vdpbf16ps and again on AMX tiles (where the CPU has AMX)."""
+    on = cpu_attention.amx_on()
+    if cpu_attention.use_amx(request.param == "amx") != (request.param == "amx"):
+        cpu_attention.use_amx(on)
+        pytest.skip("needs AMX")
+    yield request.param
+    cpu_attention.use_amx(on)
+
+
 def dense_reference(q, k, v, causal):
     n, num_keys = q.shape[-2], k.shape[-2]
     scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
@@ -39,7 +50,7 @@ def bf16_heads(batch, heads, length, head_dim, heads_outer=True, dtype=torch.bfl
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernel_matches_dense_attention(batch, heads, n, num_keys, head_dim, causal, dtype):
+def test_kernel_matches_dense_attention(batch, heads, n, num_keys, head_dim, causal, dtype, products):
     torch.manual_seed(n + num_keys)
     q = bf16_heads(batch, heads, n, head_dim, heads_outer=False, dtype=dtype)
     k, v = (bf16_heads(batch, heads, num_keys, head_dim, heads_outer=n % 2 == 0, dtype=dtype) for _ in range(2))
@@ -77,9 +88,12 @@ def test_causal_attention_routes_to_the_kernels(monkeypatch):
 
 
 @needs_kernel
-def test_amx_cpus_leave_bf16_to_pytorch_except_long_training(monkeypatch):
+def test_amx_cpus_where_ours_cannot_use_amx_leave_bf16_to_pytorch(monkeypatch):
     monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(cpu_attention, "amx_on", lambda: True)  # ours on AMX tiles: ours
     q, k, v = (bf16_heads(1, 2, 64, 64) for _ in range(3))
+    assert cpu_attention.supports(q, k, v) and cpu_attention.supports(q, k, v, training=True)
+    monkeypatch.setattr(cpu_attention, "amx_on", lambda: False)  # Linux refused the tile state: PyTorch's
     assert not cpu_attention.supports(q, k, v)  # bf16 inference: PyTorch's AMX kernels
     assert not cpu_attention.supports(q, k, v, training=True)  # a small training mask too
     assert cpu_attention.supports(q.float(), k.float(), v.float())  # fp32 inference stays ours
@@ -124,7 +138,7 @@ def test_model_with_and_without_the_kernel(monkeypatch, dtype):
         (1, 4, 130, 1024, 64, True),  # several query tiles and full key blocks
     ],
 )
-def test_backward_matches_dense_gradients(batch, heads, n, num_keys, head_dim, causal):
+def test_backward_matches_dense_gradients(batch, heads, n, num_keys, head_dim, causal, products):
     torch.manual_seed(n + num_keys)
     q = bf16_heads(batch, heads, n, head_dim, heads_outer=False).requires_grad_()
     k, v = (bf16_heads(batch, heads, num_keys, head_dim, heads_outer=n % 2 == 0).requires_grad_() for _ in range(2))
