@@ -22,8 +22,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "cpu_simd.h"
 
@@ -117,34 +115,16 @@ INLINE void value_tile_f32(int rows, int D, const float *probs, const float *v_r
         for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + r * D + 16 * c, acc[r][c]);
 }
 
-/* AMX: eight tile registers of up to 16 rows of 64 bytes. Every tile here is configured full size: tiles 0-3 hold
-   fp32 sums (16 rows x 16 columns), 4 a left operand (16 rows x 32 bf16), 5-6 right operands (16 pairs of rows
-   x 16 columns, pair-interleaved). The configuration is per thread; each worker loads it and releases it. */
+/* AMX tiles here (cpu_simd.h configures all eight full size): 0-3 hold fp32 sums (16 rows x 16 columns), 4 a left
+   operand (16 rows x 32 bf16), 5-6 right operands (16 pairs of rows x 16 columns, pair-interleaved). */
 #define AMX_ROWS 16
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 static int use_amx; /* set by attention_use_amx */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
-
-AMX_TARGET static void amx_begin(void) {
-    TileConfig config = {.palette = 1};
-    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = AMX_ROWS;
-    /* GCC 12 does not see ldtilecfg read the struct and drops the stores above without this barrier */
-    __asm__ __volatile__("" : : "r"(&config) : "memory");
-    _tile_loadconfig(&config);
-}
-
-AMX_TARGET static void amx_end(void) { _tile_release(); }
-
-/* Turns the AMX products on (1) or off (0); returns whether they are on. Linux hands a process AMX's 8 KB of tile
-   state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); where that fails, they stay off. */
+/* Turns the AMX products on (1) or off (0); returns whether they are on (where Linux refuses the tile state,
+   they stay off). */
 int attention_use_amx(int on) {
-    use_amx = on && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    use_amx = on && amx_request();
     return use_amx;
 }
 

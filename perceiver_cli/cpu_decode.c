@@ -57,6 +57,7 @@ typedef struct {
                          bytes (after the older fields, so that builds without it read the same structure) */
     int caches_int8;  /* the key/value caches are int8: each cached row of head_dim values is followed by its
                          fp32 scale (head_dim + 4 bytes a row, cache_strides in bytes) */
+    int products_amx; /* with products_bf16: multiply on AMX tiles (decode_request_amx must have succeeded) */
 } Model;
 
 typedef struct {
@@ -71,6 +72,7 @@ typedef struct {
     long scores_length;
     uint16_t *rows_bf16[MAX_THREADS]; /* each thread's bf16 copy of a product's input rows (products_bf16) */
     __m512 *saved[MAX_THREADS]; /* each thread's accumulators of a product's passes between chunks (product) */
+    uint32_t *columns_amx[MAX_THREADS]; /* each thread's bf16 input rows as AMX's right operand (products_amx) */
 } Step;
 
 static void barrier(Step *s) {
@@ -344,6 +346,81 @@ INLINE void pass_rows(const Step *s, int chunked, const char *part, int width, i
             }
 }
 
+/* AMX (Intel Sapphire Rapids and later) for products_amx. A packed bf16 group's 256-byte block holds four weight
+   rows' 32 values in the pair order of rows_to_bf16, and consecutive groups lie group_bytes apart, so row j of
+   16 consecutive groups loads as one 16-row left tile (stride group_bytes). The right tile is 16 input rows'
+   same 32 values as 16 pairs by 16 rows (columns_amx), loaded once per block for the four left tiles. So one
+   pass takes 16 groups (64 outputs) in four 16 x 16 tiles of sums (tiles 0-3; 4-6 take the weights in turn,
+   7 the inputs); a thread's last few groups go the vdpbf16ps way. The configuration is loaded per thread and
+   step, and released after it. */
+#define AMX_GROUPS 16
+
+/* 1 where the step may use AMX tiles: Linux granted the process their state (amx_request). */
+int decode_request_amx(void) { return amx_request(); }
+
+/* `rows` rows of x16 (rows_to_bf16's rows of `in` values) as 16 pairs by 16 rows per block of 32 values: word
+   [i / 2 + k][r] is row r's pair k of the block at i (zeros past `rows`) */
+static void amx_columns(const uint16_t *x16, int rows, int in, uint32_t *columns) {
+    const uint32_t *words = (const uint32_t *)x16;
+    for (int k = 0; k < in / 2; k++)
+        for (int r = 0; r < 16; r++) columns[k * 16 + r] = r < rows ? words[(long)r * (in / 2) + k] : 0;
+}
+
+/* sums[j][g][r] = row j of group g (of the 16 from `first`) times input row r, over all `in` values */
+AMX_TARGET static void amx_groups(const char *first, long group_bytes, int in, const uint32_t *columns, float *sums) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int i = 0; i < in; i += 32) {
+        const char *block = first + (long)(i / 32) * GROUP_BYTES;
+        _tile_loadd(7, columns + (long)(i / 2) * 16, 64);
+        _tile_loadd(4, block, group_bytes);
+        _tile_dpbf16ps(0, 4, 7);
+        _tile_loadd(5, block + 64, group_bytes);
+        _tile_dpbf16ps(1, 5, 7);
+        _tile_loadd(6, block + 128, group_bytes);
+        _tile_dpbf16ps(2, 6, 7);
+        _tile_loadd(4, block + 192, group_bytes);
+        _tile_dpbf16ps(3, 4, 7);
+    }
+    _tile_stored(0, sums, 64);
+    _tile_stored(1, sums + 256, 64);
+    _tile_stored(2, sums + 512, 64);
+    _tile_stored(3, sums + 768, 64);
+}
+
+/* product's body on AMX for this thread's outputs [lo, hi) in whole passes of 16 groups, the batch 16 rows at a
+   time; returns the first output it left to the vdpbf16ps loop */
+static int amx_product(const Step *s, int id, const char *W, int out, int in, long group_bytes, int lo, int hi,
+                       float *y, long y_stride, int accumulate) {
+    const int end = hi < out ? hi : out, passes = ((end - lo + 3) / 4) / AMX_GROUPS;
+    float sums[4 * AMX_GROUPS * 16]; /* [row j of a group][group][input row] */
+    /* output 16 q + l of a pass is row l % 4 of group 4 q + l / 4: where each lane finds it in `sums` */
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i from[4];
+    for (int q = 0; q < 4; q++)
+        from[q] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_and_si512(lanes, _mm512_set1_epi32(3)), 8),
+                                   _mm512_slli_epi32(_mm512_add_epi32(_mm512_set1_epi32(4 * q), _mm512_srli_epi32(lanes, 2)), 4));
+    for (int b0 = 0; b0 < s->m->batch && passes; b0 += 16) {
+        const int rows = s->m->batch - b0 < 16 ? s->m->batch - b0 : 16;
+        amx_columns(s->rows_bf16[id] + (long)b0 * in, rows, in, s->columns_amx[id]);
+        for (int pass = 0; pass < passes; pass++) {
+            const int o = lo + 4 * AMX_GROUPS * pass;
+            amx_groups(W + (long)(o / 4) * group_bytes, group_bytes, in, s->columns_amx[id], sums);
+            for (int r = 0; r < rows; r++) /* each row's 64 outputs, gathered into order 16 at a time */
+                for (int q = 0; q < 4 && o + 16 * q < out; q++) {
+                    float *at = y + (long)(b0 + r) * y_stride + o + 16 * q;
+                    const __mmask16 valid = tail_mask(out - (o + 16 * q));
+                    __m512 value = _mm512_i32gather_ps(from[q], sums + r, 4);
+                    if (accumulate) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(valid, at));
+                    _mm512_mask_storeu_ps(at, valid, value);
+                }
+        }
+    }
+    return lo + 4 * AMX_GROUPS * passes;
+}
+
 /* y[b][lo:hi] (+)= W[lo:hi] x[b] for this thread's share [lo, hi) of the `out` rows of the packed W (out, in);
    with `gelu`, y[b][lo:hi] = GELU(W[lo:hi] x[b]) (the MLP's up-projection, so that no barrier separates the two).
    One pass over a group per four input rows. Up to four rows: a single pass streams the matrix and prefetches
@@ -367,8 +444,9 @@ static void product(const Step *s, int id, const void *W, int out, int in, const
     const int passes = (s->m->batch + 3) / 4, sharers = passes < 4 ? passes : 4, lines = (4 + sharers - 1) / sharers;
     uint16_t *x16 = s->rows_bf16[id];
     if (s->m->products_bf16) rows_to_bf16(x, x_stride, s->m->batch, in, x16); /* each thread its own copy */
+    const int first = s->m->products_amx ? amx_product(s, id, W, out, in, group_bytes, lo, hi, y, y_stride, accumulate) : lo;
     const Chunk whole = {s->saved[id], 1, 1, NULL, 0}; /* a single pass: the whole group at once */
-    for (int o = lo; o < hi && o < out; o += 4) {
+    for (int o = first; o < hi && o < out; o += 4) {
         const int count = out - o < 4 ? out - o : 4; /* a last group padded with zero rows: its valid outputs */
         const char *group = (const char *)W + (long)(o / 4) * group_bytes;
         if (passes == 1) {
@@ -556,6 +634,8 @@ static void run_step(Step *s, int id) {
     float *normed = aligned_alloc(64, sizeof(float) * m->batch * D);
     s->rows_bf16[id] = m->products_bf16 ? aligned_alloc(64, sizeof(uint16_t) * m->batch * (m->hidden > D ? m->hidden : D)) : NULL;
     s->saved[id] = aligned_alloc(64, sizeof(__m512) * 16 * ((m->batch + 3) / 4));
+    s->columns_amx[id] = m->products_amx ? aligned_alloc(64, sizeof(uint32_t) * 8 * (m->hidden > D ? m->hidden : D)) : NULL;
+    if (m->products_amx) amx_begin();
     for (int b = id; b < m->batch; b += s->threads)
         memcpy(s->hidden + (long)b * D, m->embedding + s->tokens[b * s->token_stride] * D, sizeof(float) * D);
     barrier(s);
@@ -575,7 +655,8 @@ static void run_step(Step *s, int id) {
     }
     layer_norm(s, s->hidden, m->final_weight, m->final_bias, normed);
     product(s, id, m->head, m->vocab, D, normed, D, s->logits, m->vocab, 0, 0);
-    free(scores), free(normed), free(s->rows_bf16[id]), free(s->saved[id]);
+    if (m->products_amx) amx_end();
+    free(scores), free(normed), free(s->rows_bf16[id]), free(s->saved[id]), free(s->columns_amx[id]);
 }
 
 /* Bytes of the workspace f32_decode_step needs. */
@@ -590,6 +671,7 @@ int f32_decode_step(const Model *m, const long *tokens, long token_stride, long 
     if (m->weights_bf16 && (m->d_model % 32 || m->hidden % 32)) return 1; /* bf16 blocks of 32 */
     if (m->weights_int8 && (m->d_model % 64 || m->hidden % 64 || m->weights_bf16)) return 1; /* int8: of 64 */
     if (m->products_bf16 && !m->weights_bf16) return 1;
+    if (m->products_amx && !m->products_bf16) return 1;
     /* the position's rotary tables, in double and then rounded, as model.rotary_tables computes them */
     float cos_table[64], sin_table[64];
     if (m->rotary_half > 64) return 1;

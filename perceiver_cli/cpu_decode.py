@@ -8,7 +8,8 @@ lengths. Same arithmetic as DecodeState.step in fp32 on those weights, up to the
 accurate to ~2e-7; bf16 caches (DecodeState's cache_dtype) are read widened and written rounded, and batches of
 BF16_PRODUCTS_ROWS or more rows on bf16 weights multiply bf16-rounded inputs on AVX512-BF16 (BENCHMARKS.md
 "bf16 caches", "bf16 products"). int8 weights (an int8 step_model) and int8 caches carry an fp32 scale per row
-and are widened and scaled as they are read (`--dtype int8`, BENCHMARKS.md "Stop 30").
+and are widened and scaled as they are read (`--dtype int8`, BENCHMARKS.md "Stop 30"). On CPUs with AMX those
+bf16 products run on AMX tiles (`amx_products`; BENCHMARKS.md "Stop 31").
 Built and loaded by cpu_kernels.py; `available()` is False where that fails.
 """
 
@@ -29,6 +30,9 @@ BF16_PRODUCTS_ROWS = 4
 # From this many rows on, int8 weights widened to fp32 are slower than bf16 ones on vdpbf16ps (the products are
 # compute-bound there): `--dtype int8` keeps bf16 step weights for such batches (benchmarks/ab/int8_decode.txt)
 INT8_MAX_ROWS = 8
+# FusedSteps built while this is True run their bf16 products on AMX tiles where the CPU and Linux allow it
+# (benchmarks and tests turn it off to compare)
+amx_products = True
 _pointer = ctypes.c_void_p
 
 
@@ -55,6 +59,7 @@ class _Model(ctypes.Structure):
         ("inverse_frequencies", ctypes.POINTER(ctypes.c_double)),
         ("weights_int8", ctypes.c_int),
         ("caches_int8", ctypes.c_int),
+        ("products_amx", ctypes.c_int),
     ]
 
 
@@ -73,11 +78,19 @@ def _kernel():
     matvec = library.f32_matvec
     matvec.argtypes = [_pointer, ctypes.c_int, ctypes.c_int, _pointer, ctypes.c_int, _pointer, ctypes.c_int]
     matvec.restype = ctypes.c_int
-    return step, workspace, matvec
+    request_amx = library.decode_request_amx
+    request_amx.argtypes, request_amx.restype = [], ctypes.c_int
+    return step, workspace, matvec, request_amx
 
 
 def available() -> bool:
     return _kernel() is not None
+
+
+@cache
+def amx_available() -> bool:
+    """Whether the step can multiply on AMX tiles: the CPU has AMX and Linux grants the process its tile state."""
+    return available() and {"amx_tile", "amx_bf16"} <= cpu_flags() and bool(_kernel()[3]())
 
 
 def supports_model(model: nn.Module) -> bool:
@@ -149,6 +162,8 @@ class FusedStep:
         self.products_bf16 = (
             self.weights_bf16 and state.batch >= BF16_PRODUCTS_ROWS and "avx512_bf16" in cpu_flags()
         )
+        # where the CPU has AMX, one tdpbf16ps does a 4 x 16 x 32 block of those multiply-adds
+        self.products_amx = self.products_bf16 and amx_products and amx_available()
 
         def address(t: Tensor) -> int:
             t = t.detach()
@@ -192,9 +207,9 @@ class FusedStep:
             address(model.cross_attention.norm_inputs.weight), address(model.cross_attention.norm_inputs.bias),
             ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
             ctypes.cast(self.inverse_frequencies, ctypes.POINTER(ctypes.c_double)), int(self.weights_int8),
-            int(state.cross_key.dtype == torch.int8),
+            int(state.cross_key.dtype == torch.int8), int(self.products_amx),
         )  # fmt: skip
-        self.step, workspace_bytes, _ = _kernel()
+        self.step, workspace_bytes = _kernel()[:2]
         self.workspace = torch.empty(workspace_bytes(ctypes.byref(self.spec)) // 4)
         self.logits = torch.empty(state.batch, c.vocab_size)
         # every argument but the step's own, converted once: at ~1 ms a step, tens of microseconds of Python count

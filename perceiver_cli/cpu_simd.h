@@ -1,6 +1,9 @@
-/* SIMD helpers shared by the C kernels (cpu_attention.c, cpu_decode.c); AVX-512F. */
+/* SIMD helpers shared by the C kernels (cpu_attention.c, cpu_decode.c); AVX-512F, and AMX's set-up. */
 #pragma once
 #include <immintrin.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -21,3 +24,27 @@ INLINE __m512 exp2_ps(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, whole);
 }
+
+/* AMX (Intel Sapphire Rapids and later): eight tile registers of up to 16 rows of 64 bytes. Both kernels configure
+   all eight full size; the configuration is per thread, so each worker loads it before its tiles and releases
+   it after. Linux hands a process AMX's 8 KB of tile state only on request: amx_request first. */
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* 1 where Linux grants the process AMX's tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) */
+static inline int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+AMX_TARGET static inline void amx_begin(void) {
+    TileConfig config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+    /* GCC 12 does not see ldtilecfg read the struct and drops the stores above without this barrier */
+    __asm__ __volatile__("" : : "r"(&config) : "memory");
+    _tile_loadconfig(&config);
+}
+
+AMX_TARGET static inline void amx_end(void) { _tile_release(); }

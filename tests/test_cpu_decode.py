@@ -273,7 +273,7 @@ def test_bf16_products_for_batches_round_only_the_product_inputs():
         paired = cpu_decode.FusedStep(model, state, weights)
         assert paired.products_bf16
         plain = cpu_decode.FusedStep(model, state, weights)
-        plain.spec.products_bf16 = plain.products_bf16 = False
+        plain.spec.products_bf16 = plain.products_bf16 = plain.spec.products_amx = plain.products_amx = False
         window = next_window(window, c.max_context, c.num_latents, None)
         state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
         caches = [t.clone() for t in state.latent_keys + state.latent_values]
@@ -288,6 +288,38 @@ def test_bf16_products_for_batches_round_only_the_product_inputs():
             model, prefilled_state(model, 1, 50, step_model(model, torch.float32))[0], weights
         )
         assert not single.products_bf16  # one row stays fp32: memory-bound, nothing to gain
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_decode.amx_available(), reason="needs AMX")
+@pytest.mark.parametrize("batch", [5, 18])  # 18: a second pass of two rows
+def test_amx_products_sum_what_vdpbf16ps_sums(monkeypatch, batch):
+    """On AMX tiles the bf16 products add the same bf16 products in another order, across more groups than the
+    tiles take at once (51 outputs: 12 groups of 4 and a padded one): the logits are as close to the step on
+    fp32 inputs as vdpbf16ps's (an order's last-bit difference can flip the bf16 rounding of a later product's
+    input, hence a few rows ~1e-3 apart, not 1e-6)."""
+    model = random_model(9, d_model=128, num_heads=4, mlp_ratio=12.0)
+    c = model.config
+    with torch.no_grad():
+        state, window = prefilled_state(model, batch, 50, step_model(model, torch.float32, batch))
+        weights = step_model(model, torch.bfloat16, batch)
+        on_tiles = cpu_decode.FusedStep(model, state, weights)
+        monkeypatch.setattr(cpu_decode, "amx_products", False)
+        on_vectors = cpu_decode.FusedStep(model, state, weights)
+        fp32_inputs = cpu_decode.FusedStep(model, state, weights)
+        fp32_inputs.spec.products_bf16 = fp32_inputs.spec.products_amx = 0
+        assert on_tiles.products_amx and on_vectors.products_bf16 and not on_vectors.products_amx
+        window = next_window(window, c.max_context, c.num_latents, None)
+        state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))
+        caches = [t.clone() for t in state.latent_keys + state.latent_values]
+        logits = []
+        for step in (fp32_inputs, on_vectors, on_tiles):  # each from the same caches
+            for cache, before in zip(state.latent_keys + state.latent_values, caches, strict=True):
+                cache.copy_(before)
+            logits.append(step(state.tokens, window.end - 1, state.cross_length, state.num_latents, append=True))
+        exact, vectors, tiles = logits
+        assert (tiles - exact).abs().max() <= 1.2 * (vectors - exact).abs().max()
+        torch.testing.assert_close(tiles, vectors, rtol=0.01, atol=2e-3)
 
 
 def test_pack_lays_out_groups_of_four_rows_in_64_byte_blocks():

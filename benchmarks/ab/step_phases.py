@@ -6,7 +6,7 @@ up with GELU and down, the head) and the attention, then each of them for the cr
 latent layers.
 
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/ab/step_phases.py [SOURCE.c] [--prompt 4096] [--batch 16 1]
-        [--weights fp32|bf16|int8] [--caches fp32|bf16|int8]
+        [--weights fp32|bf16|int8] [--caches fp32|bf16|int8] [--no-amx]
 """
 
 import argparse
@@ -76,7 +76,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 1])
     parser.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32")
     parser.add_argument("--caches", choices=["fp32", "bf16", "int8"], default="fp32")
+    parser.add_argument("--no-amx", action="store_true", help="bf16 batch products on vdpbf16ps, not AMX tiles")
     args = parser.parse_args()
+    cpu_decode.amx_products = not args.no_amx
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
     torch.set_num_threads(2)
     torch.manual_seed(0)
