@@ -245,6 +245,8 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
         config.num_latents, context, False
     )
     results["bf16_attention_kernel"] = "perceiver_cli/cpu_attention.c" if ours else "PyTorch"
+    # whether our kernels' bf16 products run on AMX tiles (Intel Sapphire Rapids and later)
+    results["amx"] = {"attention": cpu_attention.amx_on(), "decode_batch_products": cpu_decode.amx_available()}
     peaks = {"fp32": gemm_peak(torch.float32)}
     if with_bf16:
         peaks["bf16"] = gemm_peak(torch.bfloat16)

@@ -47,3 +47,8 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         expected = fp32["tokens_per_s"] * fp32["bytes_per_step"] / batch / paired
         assert abs(fp32["fraction_of_paired_ceiling"] - expected) < 1e-9 * expected
     assert results["read_bandwidth_gb_s"] > 0
+    # which of our kernels multiplied on AMX tiles: where the CPU has AMX and Linux granted its tile state
+    assert results["amx"] == {
+        "attention": efficiency.cpu_attention.amx_on(),
+        "decode_batch_products": efficiency.cpu_decode.amx_available(),
+    }
