@@ -176,3 +176,15 @@ def test_bf16_training_gradients_with_and_without_the_kernels(monkeypatch):
     torch.testing.assert_close(loss_with, loss_without, atol=2e-3, rtol=1e-3)
     similarity = torch.nn.functional.cosine_similarity(with_kernels, without_kernels, dim=0)
     assert similarity > 0.999
+
+
+@needs_kernel
+def test_pytorchs_own_amx_products_are_unchanged_after_ours(products):
+    """Our kernels load their own tile configuration and release it after; oneDNN's bf16 GEMMs, which use the same
+    tiles on the same threads, must give the same results before and after."""
+    torch.manual_seed(3)
+    a, b = torch.randn(300, 320).bfloat16(), torch.randn(320, 960).bfloat16()
+    before = a @ b
+    q, k, v = (bf16_heads(1, 2, n, 64).requires_grad_() for n in (100, 333, 333))
+    cpu_attention.trainable_attention(q, k, v, True).backward(torch.ones(1, 2, 100, 64).bfloat16())
+    assert torch.equal(a @ b, before)
