@@ -301,7 +301,7 @@ def test_amx_products_sum_what_vdpbf16ps_sums(monkeypatch, batch):
     model = random_model(9, d_model=128, num_heads=4, mlp_ratio=12.0)
     c = model.config
     a, b = torch.randn(300, 320).bfloat16(), torch.randn(320, 960).bfloat16()
-    before = a @ b  # oneDNN's own AMX products, which must not see our tile configuration
+    onednn_product = a @ b  # oneDNN's own AMX products, which must not see our tile configuration
     with torch.no_grad():
         state, window = prefilled_state(model, batch, 50, step_model(model, torch.float32, batch))
         weights = step_model(model, torch.bfloat16, batch)
@@ -322,7 +322,7 @@ def test_amx_products_sum_what_vdpbf16ps_sums(monkeypatch, batch):
         exact, vectors, tiles = logits
         assert (tiles - exact).abs().max() <= 1.2 * (vectors - exact).abs().max()
         torch.testing.assert_close(tiles, vectors, rtol=0.01, atol=2e-3)
-    assert torch.equal(a @ b, before)
+    assert torch.equal(a @ b, onednn_product)
 
 
 def test_pack_lays_out_groups_of_four_rows_in_64_byte_blocks():
