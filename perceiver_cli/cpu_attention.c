@@ -128,6 +128,18 @@ int attention_use_amx(int on) {
     return use_amx;
 }
 
+/* 2^x for x <= 0 to ~2e-4 relative (a cubic of the fraction; exp2_ps's sextic: ~2e-7): on AMX, where the
+   products no longer dominate, enough for probabilities that are rounded to bf16 before they are used */
+INLINE __m512 exp2_bf16_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, whole);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.632546462e-2f), f, _mm512_set1_ps(2.283082455e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.950361667e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, whole);
+}
+
 /* Whether the AMX products are on. */
 int attention_amx(void) { return use_amx; }
 
@@ -325,7 +337,7 @@ static void pack_head(Job *job, int bh) {
 /* one block of queries of one (batch, head) over every key it sees; `f32` (a constant where inlined): fp32
    tensors and FMA tiles, else bf16 and vdpbf16ps */
 INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores, void *probs, float *acc,
-                     float *row_max, float *row_sum, bf16 *q_rows) {
+                     float *row_max, float *row_sum, bf16 *q_rows, float *sum_lanes) {
     /* items run from the most keys to the fewest, so the causal tail balances across threads */
     const int qblock = job->query_blocks - 1 - item % job->query_blocks, bh = item / job->query_blocks;
     const int b = bh / job->heads, h = bh % job->heads, rows_per_tile = ACCUMULATORS / (D / 16) > 6 ? 6 : ACCUMULATORS / (D / 16);
@@ -344,6 +356,7 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
     for (int i = 0; i < count; i++) row_max[i] = -INFINITY, row_sum[i] = 0.0f;
     memset(acc, 0, sizeof(float) * count * D);
     const int groups = (count + AMX_ROWS - 1) / AMX_ROWS;
+    if (amx) memset(sum_lanes, 0, sizeof(float) * 16 * count); /* each row's sum in 16 lanes, reduced at the end */
     if (amx) { /* whole tiles of 16 rows: the queries copied contiguous, zeros past the last */
         for (int i = 0; i < groups * AMX_ROWS; i++)
             if (i < count) memcpy(q_rows + i * D, q + i * job->q_strides[2], sizeof(bf16) * D);
@@ -385,8 +398,13 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
             float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3)));
             float new_max = block_max > row_max[i] ? block_max : row_max[i];
             __m512 m = _mm512_set1_ps(new_max);
-            __m512 p0 = exp2_ps(_mm512_sub_ps(s0, m)), p1 = exp2_ps(_mm512_sub_ps(s1, m));
-            __m512 p2 = exp2_ps(_mm512_sub_ps(s2, m)), p3 = exp2_ps(_mm512_sub_ps(s3, m));
+            __m512 p0, p1, p2, p3;
+            if (amx)
+                p0 = exp2_bf16_ps(_mm512_sub_ps(s0, m)), p1 = exp2_bf16_ps(_mm512_sub_ps(s1, m)),
+                p2 = exp2_bf16_ps(_mm512_sub_ps(s2, m)), p3 = exp2_bf16_ps(_mm512_sub_ps(s3, m));
+            else
+                p0 = exp2_ps(_mm512_sub_ps(s0, m)), p1 = exp2_ps(_mm512_sub_ps(s1, m)),
+                p2 = exp2_ps(_mm512_sub_ps(s2, m)), p3 = exp2_ps(_mm512_sub_ps(s3, m));
             __m512 total;
             if (f32) {
                 float *pf = (float *)probs + i * KEY_BLOCK;
@@ -402,7 +420,11 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
                 total = _mm512_dpbf16_ps(total, b23, (__m512bh)ones);
             }
             float correction = new_max == row_max[i] ? 1.0f : exp2f(row_max[i] - new_max); /* rare after a few blocks */
-            row_sum[i] = row_sum[i] * correction + _mm512_reduce_add_ps(total);
+            if (amx) { /* no horizontal sum per block */
+                const __m512 lanes = _mm512_loadu_ps(sum_lanes + 16 * i);
+                _mm512_storeu_ps(sum_lanes + 16 * i, _mm512_fmadd_ps(lanes, _mm512_set1_ps(correction), total));
+            } else
+                row_sum[i] = row_sum[i] * correction + _mm512_reduce_add_ps(total);
             row_max[i] = new_max;
             if (correction != 1.0f) {
                 __m512 c = _mm512_set1_ps(correction);
@@ -423,6 +445,7 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
         }
     }
     const long out_at = b * job->out_strides[0] + h * job->out_strides[1] + (long)first * job->out_strides[2];
+    for (int i = 0; i < count && amx; i++) row_sum[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(sum_lanes + 16 * i));
     for (int i = 0; i < count; i++) {
         __m512 inv = _mm512_set1_ps(1.0f / row_sum[i]);
         for (int d = 0; d < D; d += 16) {
@@ -440,23 +463,24 @@ static void run_items(Job *job, int D) {
     void *probs = aligned_alloc(64, sizeof(float) * AMX_QUERY_BLOCK * KEY_BLOCK);
     float *acc = aligned_alloc(64, sizeof(float) * AMX_QUERY_BLOCK * 128);
     bf16 *q_rows = aligned_alloc(64, sizeof(bf16) * AMX_QUERY_BLOCK * 128);
+    float *sum_lanes = aligned_alloc(64, sizeof(float) * AMX_QUERY_BLOCK * 16);
     float row_max[AMX_QUERY_BLOCK], row_sum[AMX_QUERY_BLOCK];
     memset(probs, 0, sizeof(float) * AMX_QUERY_BLOCK * KEY_BLOCK); /* AMX reads whole tiles: no uninitialised rows */
     if (amx) amx_begin();
     for (int item = take(job); item < job->items; item = take(job)) {
         switch (D + job->f32) { /* one specialisation per supported head size and precision */
-        case 32: run_item(job, item, 32, 0, amx, scores, probs, acc, row_max, row_sum, q_rows); break;
-        case 64: run_item(job, item, 64, 0, amx, scores, probs, acc, row_max, row_sum, q_rows); break;
-        case 96: run_item(job, item, 96, 0, amx, scores, probs, acc, row_max, row_sum, q_rows); break;
-        case 128: run_item(job, item, 128, 0, amx, scores, probs, acc, row_max, row_sum, q_rows); break;
-        case 33: run_item(job, item, 32, 1, 0, scores, probs, acc, row_max, row_sum, q_rows); break;
-        case 65: run_item(job, item, 64, 1, 0, scores, probs, acc, row_max, row_sum, q_rows); break;
-        case 97: run_item(job, item, 96, 1, 0, scores, probs, acc, row_max, row_sum, q_rows); break;
-        default: run_item(job, item, 128, 1, 0, scores, probs, acc, row_max, row_sum, q_rows); break;
+        case 32: run_item(job, item, 32, 0, amx, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
+        case 64: run_item(job, item, 64, 0, amx, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
+        case 96: run_item(job, item, 96, 0, amx, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
+        case 128: run_item(job, item, 128, 0, amx, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
+        case 33: run_item(job, item, 32, 1, 0, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
+        case 65: run_item(job, item, 64, 1, 0, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
+        case 97: run_item(job, item, 96, 1, 0, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
+        default: run_item(job, item, 128, 1, 0, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
         }
     }
     if (amx) amx_end();
-    free(scores), free(probs), free(acc), free(q_rows);
+    free(scores), free(probs), free(acc), free(q_rows), free(sum_lanes);
 }
 
 static void pack_worker(Job *job) {
@@ -617,7 +641,9 @@ INLINE void backward_item(Backward *job, int item, int D, int amx, const Scratch
                     const __mmask16 keep = visible - 16 * c <= 0 ? 0 : tail_mask(visible - 16 * c);
                     const float *s = w->scores + (i + j) * KEY_BLOCK + 16 * c, *dp = w->dprobs + (i + j) * KEY_BLOCK + 16 * c;
                     const __m512 score = amx ? _mm512_mul_ps(_mm512_loadu_ps(s), scale_log2) : _mm512_loadu_ps(s);
-                    p[j][c] = keep ? _mm512_maskz_mov_ps(keep, exp2_ps(_mm512_sub_ps(score, top))) : _mm512_setzero_ps();
+                    const __m512 shifted = _mm512_sub_ps(score, top); /* P is rounded to bf16 where it is used */
+                    p[j][c] = keep ? _mm512_maskz_mov_ps(keep, amx ? exp2_bf16_ps(shifted) : exp2_ps(shifted))
+                                   : _mm512_setzero_ps();
                     ds[j][c] = keep ? _mm512_mul_ps(_mm512_mul_ps(p[j][c], _mm512_sub_ps(_mm512_loadu_ps(dp), d)), scale)
                                     : _mm512_setzero_ps();
                     if (i + j < count || amx) /* AMX tiles read whole rows */
