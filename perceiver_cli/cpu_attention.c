@@ -12,9 +12,9 @@
    vdpbf16ps reads: K as [key block][D/2][KEY_BLOCK] 32-bit pairs along D, V as [key block][KEY_BLOCK/2][D] pairs
    of consecutive keys. Built by perceiver_cli/cpu_kernels.py with the system C compiler; no PyTorch headers.
 
-   On CPUs with AMX (Intel Sapphire Rapids and later) the forward pass's two products run on AMX tiles instead
+   On CPUs with AMX (Intel Sapphire Rapids and later) the products of both passes run on AMX tiles instead
    (`attention_use_amx`): those packed layouts are already the pair-interleaved ("VNNI") right operands tdpbf16ps
-   takes, so only the multiplication changes; the online softmax stays in AVX-512.
+   takes, so mainly the multiplication changes; the softmax stays in AVX-512.
 */
 #include <immintrin.h>
 #include <math.h>
@@ -356,8 +356,8 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
     for (int i = 0; i < count; i++) row_max[i] = -INFINITY, row_sum[i] = 0.0f;
     memset(acc, 0, sizeof(float) * count * D);
     const int groups = (count + AMX_ROWS - 1) / AMX_ROWS;
-    if (amx) memset(sum_lanes, 0, sizeof(float) * 16 * count); /* each row's sum in 16 lanes, reduced at the end */
     if (amx) { /* whole tiles of 16 rows: the queries copied contiguous, zeros past the last */
+        memset(sum_lanes, 0, sizeof(float) * 16 * count); /* each row's sum in 16 lanes, reduced at the end */
         for (int i = 0; i < groups * AMX_ROWS; i++)
             if (i < count) memcpy(q_rows + i * D, q + i * job->q_strides[2], sizeof(bf16) * D);
             else memset(q_rows + i * D, 0, sizeof(bf16) * D);
@@ -551,8 +551,10 @@ static void prepare_head(Backward *job, int bh) {
     pack_along_dim(k, job->k_strides[2], job->num_keys, D, job->k_dim + bh * block_words);
     pack_along_rows(k, job->k_strides[2], job->num_keys, D, job->k_rows + bh * block_words);
     pack_along_dim(v, job->v_strides[2], job->num_keys, D, job->v_dim + bh * block_words);
-    pack_along_rows(q, job->q_strides[2], n, D, job->q_rows + (long)bh * job->query_words);
-    pack_along_rows(dout, job->dout_strides[2], n, D, job->dout_rows + (long)bh * job->query_words);
+    if (!job->amx) { /* AMX reads q and dO from the padded copies below instead */
+        pack_along_rows(q, job->q_strides[2], n, D, job->q_rows + (long)bh * job->query_words);
+        pack_along_rows(dout, job->dout_strides[2], n, D, job->dout_rows + (long)bh * job->query_words);
+    }
     for (int i = 0; i < n; i++) {
         __m512 sum = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16) {

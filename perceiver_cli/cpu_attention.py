@@ -8,10 +8,10 @@ backward pass (Dao 2023): `trainable_attention` is the pair as an autograd funct
 (BENCHMARKS.md "bf16 training attention"). Where building fails, `available()` is False and the model keeps
 PyTorch's kernels.
 
-On CPUs with AMX (Intel Sapphire Rapids and later) the bf16 products run on AMX tiles instead (`use_amx`): 3.7x
-the vdpbf16ps loops forward and backward, 2.4x PyTorch's flash kernels (which use AMX too) at 1,024 queries over
-16k keys (BENCHMARKS.md "Stop 31"). Where the CPU has AMX but Linux refuses the process its tile state, PyTorch's
-kernels are the faster ones and `supports` hands bf16 to them.
+On CPUs with AMX (Intel Sapphire Rapids and later) the bf16 products run on AMX tiles instead (`use_amx`): 3.9x
+the vdpbf16ps loops forward and backward, 2.2x PyTorch's flash kernels (which use AMX too) at 1,024 queries over
+16k keys (BENCHMARKS.md "Stop 31"). Where Linux refuses the process AMX's tile state, it refuses oneDNN too, so
+PyTorch's kernels get no AMX either and ours keep vdpbf16ps.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from .device import cpu_flags
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 HEAD_DIMS = (32, 64, 96, 128)
-# PyTorch's bf16 training path needs an (n, Tk) boolean mask for the bottom-right causal alignment; past this many
-# elements (1,024 latents over 128k inputs) ours, which needs none, keeps long-context training lean
-AMX_TRAINING_MASK_LIMIT = 1024 * 131072
 
 
 @cache
@@ -94,17 +91,8 @@ def supports(q: Tensor, k: Tensor, v: Tensor, training: bool = False) -> bool:
         and q.dim() == 4
         and q.shape[-1] in HEAD_DIMS
         and all(t.stride(-1) == 1 for t in (q, k, v))
-        and not (q.dtype == torch.bfloat16 and pytorch_bf16_is_faster(q.shape[-2], k.shape[-2], training))
         and available()
     )
-
-
-def pytorch_bf16_is_faster(num_queries: int, num_keys: int, training: bool) -> bool:
-    """Whether PyTorch's bf16 attention beats ours here: on AMX CPUs where ours cannot use AMX, except for
-    training steps whose mask would be large (see AMX_TRAINING_MASK_LIMIT)."""
-    if "amx_bf16" not in cpu_flags() or amx_on():
-        return False
-    return not training or num_queries * num_keys <= AMX_TRAINING_MASK_LIMIT
 
 
 def _strides(t: Tensor):

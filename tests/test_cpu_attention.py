@@ -72,7 +72,6 @@ def test_kernel_matches_dense_attention(batch, heads, n, num_keys, head_dim, cau
 def test_causal_attention_routes_to_the_kernels(monkeypatch):
     q, k, v = (bf16_heads(1, 2, 64, 64) for _ in range(3))
     calls = []
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # a CPU without AMX
     monkeypatch.setattr(cpu_attention, "attention", lambda *args, **kwargs: calls.append(args) or q)
     with torch.no_grad():
         causal_attention(q, k, v)  # square causal: a latent layer
@@ -85,24 +84,6 @@ def test_causal_attention_routes_to_the_kernels(monkeypatch):
     causal_attention(q, k, v, dropout_p=0.1)  # attention dropout stays with PyTorch
     causal_attention(q.float(), k.float(), v.float())  # fp32 training too: no fp32 backward here
     assert len(calls) == 4
-
-
-@needs_kernel
-def test_amx_cpus_where_ours_cannot_use_amx_leave_bf16_to_pytorch(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
-    monkeypatch.setattr(cpu_attention, "amx_on", lambda: True)  # ours on AMX tiles: ours
-    q, k, v = (bf16_heads(1, 2, 64, 64) for _ in range(3))
-    assert cpu_attention.supports(q, k, v) and cpu_attention.supports(q, k, v, training=True)
-    monkeypatch.setattr(cpu_attention, "amx_on", lambda: False)  # Linux refused the tile state: PyTorch's
-    assert not cpu_attention.supports(q, k, v)  # bf16 inference: PyTorch's AMX kernels
-    assert not cpu_attention.supports(q, k, v, training=True)  # a small training mask too
-    assert cpu_attention.supports(q.float(), k.float(), v.float())  # fp32 inference stays ours
-    long_keys = torch.empty(1, 2, cpu_attention.AMX_TRAINING_MASK_LIMIT // 64 + 1, 64, dtype=torch.bfloat16)
-    assert cpu_attention.supports(q, long_keys, long_keys, training=True)  # no (n, Tk) mask at long contexts
-    with torch.no_grad():  # and what PyTorch computes there is the same attention
-        expected = cpu_attention.attention(q, torch.cat((k, k), 2), torch.cat((v, v), 2), causal=True)
-        routed = causal_attention(q, torch.cat((k, k), 2), torch.cat((v, v), 2))
-    torch.testing.assert_close(routed.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
 def small_model_and_tokens(length: int):

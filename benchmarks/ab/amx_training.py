@@ -39,15 +39,10 @@ def main() -> None:
             model(tokens[:, :context])
 
     amx = cpu_attention.amx_on()
-    supports, pytorch_is_faster = cpu_attention.supports, cpu_attention.pytorch_bf16_is_faster
-
-    def ours_without_amx():  # the dispatch would hand bf16 to PyTorch here: keep ours
-        cpu_attention.use_amx(False)
-        cpu_attention.pytorch_bf16_is_faster = lambda *args: False
-
+    supports = cpu_attention.supports
     settings = {
         "ours, AMX": lambda: cpu_attention.use_amx(True),
-        "ours, vdpbf16ps": ours_without_amx,
+        "ours, vdpbf16ps": lambda: cpu_attention.use_amx(False),
         "PyTorch": lambda: setattr(cpu_attention, "supports", lambda *args, **kwargs: False),
     }
     if not amx:
@@ -55,14 +50,14 @@ def main() -> None:
     times = {(name, work): [] for name in settings for work in ("train", "prefill")}
     for round_index in range(ROUNDS + 1):  # the first round warms up
         for name, apply in settings.items():
-            cpu_attention.supports, cpu_attention.pytorch_bf16_is_faster = supports, pytorch_is_faster
+            cpu_attention.supports = supports
             apply()
             for work, function in (("train", train_step), ("prefill", prefill)):
                 start = time.perf_counter()
                 function()
                 if round_index:
                     times[name, work].append(time.perf_counter() - start)
-    cpu_attention.supports, cpu_attention.pytorch_bf16_is_faster = supports, pytorch_is_faster
+    cpu_attention.supports = supports
     cpu_attention.use_amx(amx)
     print(f"bf16, bench config, 16,384 tokens, 2 threads; seconds of {ROUNDS} alternated rounds (best first)")
     print("| attention | training step | prefill |")

@@ -240,11 +240,8 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     parameters = model.num_parameters()
     with_bf16 = cpu_has_fast_bf16() if bf16 is None else bf16
     results: dict = {"parameters": parameters, "context": context, "bf16_measured": with_bf16}
-    # which kernel bf16 prefill attends with at this context
-    ours = cpu_attention.available() and not cpu_attention.pytorch_bf16_is_faster(
-        config.num_latents, context, False
-    )
-    results["bf16_attention_kernel"] = "perceiver_cli/cpu_attention.c" if ours else "PyTorch"
+    # which kernel bf16 inference attends with
+    results["bf16_attention_kernel"] = "perceiver_cli/cpu_attention.c" if cpu_attention.available() else "PyTorch"
     # whether our kernels' bf16 products run on AMX tiles (Intel Sapphire Rapids and later)
     results["amx"] = {"attention": cpu_attention.amx_on(), "decode_batch_products": cpu_decode.amx_available()}
     peaks = {"fp32": gemm_peak(torch.float32)}
