@@ -97,20 +97,26 @@ CARDS = {
             "(`tokenizers/text-v1.model`, also stored in this checkpoint) was trained on the training books only."
         ),
         "licence": "Public domain in the USA (Project Gutenberg); the Gutenberg licence text stays in files that have it.",
-        "schedule": "1500 → 700 → 1050",
+        "schedule": "",
         "notes": (
-            "At 0.84× the token 5-gram (which is fit on 5 M training tokens) the model beats every baseline but "
-            "misses the 0.65× aim of its issue: 2,400 CPU steps (9.8 M trained targets) are far too few for prose. "
-            "The second phase took it from 2.029 to 1.976 bits/byte at step 700 and to 1.945 at step 1350 "
-            "(0.885× → 0.853× → 0.840× the 5-gram; the 5-gram moved from 2.292 to 2.315 when the data folder's "
-            "README stopped being a training document). The long-context effect the paper reports is present and "
-            "grew with training: on positions beyond 4,096 of long validation books, 4,096 tokens of context give "
-            "0.8% fewer bits than 256 (0.5% at step 700). The evaluation above ran on the AMD Zen 3 machine, which "
-            "has no bf16 support, so the bf16 row is not measured (for the phase-1 weights bf16 autocast changed the "
-            "held-out bits by less than 0.001 bits/byte). The latents sweep is on the first 8 books only, hence its "
-            "lower numbers than the 16-book table."
+            "These weights replace the first text-v1 (CPU-trained, 9.1 M parameters, d_model 256 with 8 latent "
+            "layers, 1.945 bits/byte, 0.84× the 5-gram; it is in the git history): a lent H200 made 475 M trained "
+            "targets possible where the CPU phases managed 9.8 M. Phase 1 over-fit once it had seen the training "
+            "books about seven times (in-training val flat at 3.60 from step 7,500 while the train loss fell from "
+            "3.03 to 2.93), which is why phase 2 adds dropout 0.1; it took the in-training val from 3.595 to 3.525 "
+            "nats/token and the report's bits/byte from 1.535 to 1.500. The long-context effect is now large: on "
+            "positions beyond 4,096 of long validation books, 4,096 tokens of context give 7.2% fewer bits than 256 "
+            "(1.488 against 1.603; the CPU-trained weights: 0.8%). Model selection used the validation split: "
+            "each phase ships its best in-training check (phase 2: step 5,750, val 3.5254; its last step, 6,000, "
+            "scored 3.5277), and phase 2's recipe was chosen after seeing phase 1's curve, so the 0.648× sits on "
+            "books that guided those two choices (the report scores them with sliding windows over their first "
+            "8,192 tokens, not the in-training windows). Phase 2 started from the bf16 export of phase 1's best "
+            "(the GPU's upload limit), so `--init-from runs/text/best` in fp32 starts it from weights a rounding "
+            "away. The latents sweep is on the first 8 books only, hence its lower numbers than the 16-book table; "
+            "1,024 latents, twice what the model was trained with, score 1.99 bits/byte (the latent self-attention "
+            "does not extrapolate)."
         ),
-        "prepare": "perceiver prepare text --input ../shared/data/text --out data/text --tokenizer-vocab 8000",
+        "prepare": "perceiver prepare text --input ../shared/data/text --out data/text --tokenizer tokenizers/text-v1.model",
         "report": "perceiver report -c text-v1 --eval books-validation=data/text --train-data data/text "
         "--out checkpoints/text-v1/report --force --latents 64 --latents 128 --latents 256 --latents 512 "
         "--context 256 --context 1024 --context 4096",
@@ -164,14 +170,18 @@ EARLIER_PHASES = {
     ],
     "text": [
         {
-            "batch_size": 8,
-            "lr": 0.001,
-            "warmup": 150,
+            "batch_size": 64,
+            "lr": 0.002,
+            "warmup": 300,
+            "steps": 10997,
+            "eval_every": 250,
             "words": (
-                "1050 optimiser steps of batch 8 × 4,096 tokens, peak lr 0.001, warmup 150, cosine to 0.1× over "
-                "1050 steps (`--steps` changed 1500 → 700 → 1050 while near peak lr), on the project's Intel Xeon "
-                "(AVX512-BF16/AMX) in bf16 autocast, one thread, sharing the machine with two other trainings; "
-                "≈ 77 minutes"
+                "10,997 optimiser steps of batch 64 × 4,096 tokens, peak lr 0.002, warmup 300, cosine to 0.1× over "
+                "10,997 steps (the step count sized from a 40-step probe to fill 400 s), gradient clipping 1.0, no "
+                "dropout, on one NVIDIA H200 (lent GPU) in bf16 autocast: 384 s of training at 939,000 targets/s, "
+                "360 M trained targets (10.6 passes over the 34 M training tokens); in-training val 4.782 (step "
+                "250) → 3.741 (2,500) → 3.648 (5,000) → best 3.5952 nats/token at step 8,750, where phase 2 "
+                "starts; at that check"
             ),
         },
     ],
@@ -180,7 +190,7 @@ EARLIER_PHASES = {
 
 # Where and how the last phase of a multi-phase model ran (from its logs: when it was paused, what changed).
 LAST_PHASE_HARDWARE = {
-    "text": "an AMD EPYC (Zen 3, 2 cores, no bf16 support, so fp32)",
+    "text": "one NVIDIA H200 (lent GPU) in bf16 autocast, dropout 0.1",
     "image": "an AMD EPYC (Zen 4 with AVX512-BF16, 2 cores) in bf16 autocast, two threads",
 }
 LAST_PHASE = {
@@ -194,15 +204,11 @@ LAST_PHASE = {
         "step 2200)."
     ),
     "text": (
-        "Steps 0-212 on one thread beside the image training and the benchmarks, paused (SIGSTOP) for the 46 "
-        "minutes of timed benchmarks; then stopped with SIGTERM and resumed exactly with `--resume` on two threads "
-        "alone, with `--steps` shortened 600 → 420 at step 212 (lr 4.1e-4 → 3.1e-4); after step 420 (val 4.635) "
-        "resumed again with `--steps 700` (lr back up to 2.2e-4, AdamW state kept); about 89 minutes of training "
-        "in 135 minutes of wall time, shipped at step 700 (val 4.5987). In the next session resumed from step 700 "
-        "with `--steps 1400` (lr back up to 2.8e-4, AdamW state kept) on one thread beside the decode and "
-        "copy-task benchmarks on the other core, paused (SIGSTOP) for about 12 minutes of timed benchmarks, and "
-        "stopped by `--max-minutes 125` at step 1350 of 1400 (lr 5.2e-5): 650 more steps, about 113 minutes of "
-        "training in 125 minutes of wall time; val 4.5987 → 4.5248."
+        "234 s of training at 841,000 targets/s (dropout costs ~10%); in-training val 3.574 (step 250, after "
+        "the re-warm) → 3.552 (2,500) → 3.531 (5,000) → best 3.5254 nats/token at step 5,750 (shipped; step 6,000 "
+        "scored 3.5277). Each phase was one call of the lent GPU (its upload limit is 64 MiB): phase 1 took the "
+        "books' .xz files and prepared them there, phase 2 an xz archive of the prepared tokens and phase 1's best "
+        "in bf16; each brought its best checkpoint back as safetensors."
     ),
 }
 
@@ -243,7 +249,7 @@ def decode_dtype_lines(name: str, measured: Path) -> list[str]:
         "",
         f"Bits/token of {result['scored_tokens']:,} held-out tokens scored teacher-forced through the path that "
         f"samples, after prompts from {result['documents']} validation documents (`perceiver bench --step-weights "
-        f'-c {name} --data data/{name.split("-")[0]}`, {result.get("machine", "CPU")}; BENCHMARKS.md "Stop 30"):',
+        f'-c {name} --data data/{name.split("-")[0]}`, {result.get("machine", "CPU")}; BENCHMARKS.md "{result.get("section", "Stop 30")}"):',
         "",
         "| `perceiver generate` | bits/token | change |",
         "|---|---:|---:|",
@@ -269,12 +275,16 @@ def card(name: str) -> str:
     )
     report = json.loads((report_dir / "report.json").read_text()) if (report_dir / "report.json").is_file() else {}
 
+    def non_default_flags(phase: dict) -> str:  # dropout and the validation cadence pick the shipped step
+        flags = f" --dropout {phase['dropout']}" if phase.get("dropout") else ""
+        return flags + (f" --eval-every {phase['eval_every']}" if phase.get("eval_every", 200) != 200 else "")
+
     def first_train_command(phase: dict, steps) -> str:  # the run that sets the architecture
         return (
             f"perceiver train --data data/{modality} --out runs/{modality} --context {model['max_context']} "
             f"--latents {model['num_latents']} --d-model {model['d_model']} --heads {model['num_heads']} "
             f"--layers {model['num_layers']} --batch-size {phase.get('batch_size')} --lr {phase.get('lr')} "
-            f"--warmup {phase.get('warmup')} --steps {steps}"
+            f"--warmup {phase.get('warmup')} --steps {steps}" + non_default_flags(phase)
         )
 
     train_cmd = first_train_command(settings, settings.get("steps"))
@@ -315,14 +325,17 @@ def card(name: str) -> str:
         ]
         # runs/image, runs/image2, runs/image3, ...: each phase starts from the best checkpoint of the one before
         run_names = [modality] + [f"{modality}{index}" for index in range(2, last + 1)]
-        commands = [first_train_command(phases[0], earlier[0]["step"])]
-        later = [(phase, record["step"]) for phase, record in zip(phases[1:], earlier[1:], strict=True)]
+        commands = [first_train_command(phases[0], phases[0].get("steps", earlier[0]["step"]))]
+        later = [
+            (phase, phase.get("steps", record["step"]))
+            for phase, record in zip(phases[1:], earlier[1:], strict=True)
+        ]
         later.append((settings, settings.get("steps")))
         for index, (phase, steps) in enumerate(later, start=1):
             commands.append(
                 f"perceiver train --data data/{modality} --out runs/{run_names[index]} --init-from "
                 f"runs/{run_names[index - 1]}/best --batch-size {phase['batch_size']} --lr {phase['lr']} "
-                f"--warmup {phase['warmup']} --steps {steps}"
+                f"--warmup {phase['warmup']} --steps {steps}" + non_default_flags(phase)
             )
         train_cmd = "\n".join(commands)
         export_from = f"runs/{run_names[-1]}/best"
@@ -372,6 +385,15 @@ def card(name: str) -> str:
         "",
         *training_lines,
         "",
+        *(
+            [
+                "![training curves](report/training.png) (the trainer's own metrics of each phase are in "
+                "`report/train_phase*.jsonl`; the train loss steps up where a phase adds dropout)",
+                "",
+            ]
+            if (report_dir / "training.png").is_file()
+            else []
+        ),
         "Reproduce:",
         "",
         "```bash",
