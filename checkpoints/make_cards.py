@@ -311,13 +311,15 @@ def card(name: str) -> str:
         ]
         total_steps = sum(record["step"] for record in earlier) + training.get("step", 0)
         total_targets = sum(record["targets_seen"] for record in earlier) + training.get("targets_seen", 0)
+        total_tokens = sum(record["tokens_seen"] for record in earlier) + training.get("tokens_seen", 0)
         training_lines += [
             f"- Phase {last} (`--init-from` the phase-{last - 1} weights, fresh AdamW state): {training.get('step')} "
             f"optimiser steps of batch {settings.get('batch_size')} × {model['max_context']:,} tokens, "
             f"{training.get('targets_seen', 0):,} trained targets; peak lr {settings.get('lr')}, warmup "
             f"{settings.get('warmup')}, cosine to {settings.get('min_lr_ratio')}× over {settings.get('steps')} "
             f"steps, gradient clipping 1.0; on {LAST_PHASE_HARDWARE[modality]}. " + LAST_PHASE[modality],
-            f"- In total: {total_steps:,} optimiser steps, {total_targets:,} trained targets. AdamW (β = "
+            f"- In total: {total_steps:,} optimiser steps, {total_targets:,} trained targets (windows of "
+            f"{'at most ' if modality == 'image' else ''}{total_tokens:,} input tokens). AdamW (β = "
             f"{settings.get('beta1')}, {settings.get('beta2')}, weight decay {settings.get('weight_decay')}) "
             + ("in both phases." if last == 2 else f"in all {last} phases."),
             f"- Validation loss at this step (the in-training check on fixed validation windows): "
