@@ -33,7 +33,7 @@ import time
 import torch
 
 from .. import cpu_attention, cpu_decode
-from ..device import autocast, cpu_has_fast_bf16
+from ..device import autocast, cpu_has_fast_bf16, kept_freed_memory
 from ..generate import (
     SamplingOptions,
     auto_decode_dtypes,
@@ -244,6 +244,8 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     results["bf16_attention_kernel"] = "perceiver_cli/cpu_attention.c" if cpu_attention.available() else "PyTorch"
     # whether our kernels' bf16 products run on AMX tiles (Intel Sapphire Rapids and later)
     results["amx"] = {"attention": cpu_attention.amx_on(), "decode_batch_products": cpu_decode.amx_available()}
+    # whether glibc keeps freed activations for reuse (device.keep_freed_memory; the command line turns it on)
+    results["keep_freed_memory"] = kept_freed_memory()
     peaks = {"fp32": gemm_peak(torch.float32)}
     if with_bf16:
         peaks["bf16"] = gemm_peak(torch.bfloat16)
