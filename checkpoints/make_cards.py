@@ -97,7 +97,6 @@ CARDS = {
             "(`tokenizers/text-v1.model`, also stored in this checkpoint) was trained on the training books only."
         ),
         "licence": "Public domain in the USA (Project Gutenberg); the Gutenberg licence text stays in files that have it.",
-        "schedule": "",
         "notes": (
             "These weights replace the first text-v1 (CPU-trained, 9.1 M parameters, d_model 256 with 8 latent "
             "layers, 1.945 bits/byte, 0.84× the 5-gram; it is in the git history): a lent H200 made 475 M trained "
@@ -198,7 +197,7 @@ EARLIER_PHASES = {
 
 # Where and how the last phase of a multi-phase model ran (from its logs: when it was paused, what changed).
 LAST_PHASE_HARDWARE = {
-    "text": "one NVIDIA H200 (lent GPU) in bf16 autocast, dropout 0.1",
+    "text": "one NVIDIA H200 (lent GPU) in bf16 autocast",
     "image": "an AMD EPYC (Zen 4 with AVX512-BF16, 2 cores) in bf16 autocast, two threads",
 }
 LAST_PHASE = {
@@ -325,7 +324,10 @@ def card(name: str) -> str:
             f"optimiser steps of batch {settings.get('batch_size')} × {model['max_context']:,} tokens, "
             f"{training.get('targets_seen', 0):,} trained targets; peak lr {settings.get('lr')}, warmup "
             f"{settings.get('warmup')}, cosine to {settings.get('min_lr_ratio')}× over {settings.get('steps')} "
-            f"steps, gradient clipping 1.0; on {LAST_PHASE_HARDWARE[modality]}. " + LAST_PHASE[modality],
+            f"steps, gradient clipping 1.0"
+            + (f", dropout {settings['dropout']}" if settings.get("dropout") else "")
+            + f"; on {LAST_PHASE_HARDWARE[modality]}. "
+            + LAST_PHASE[modality],
             f"- In total: {total_steps:,} optimiser steps, {total_targets:,} trained targets (windows of "
             f"{'at most ' if modality == 'image' else ''}{total_tokens:,} input tokens). AdamW (β = "
             f"{settings.get('beta1')}, {settings.get('beta2')}, weight decay {settings.get('weight_decay')}) "
