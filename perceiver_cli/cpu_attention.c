@@ -29,8 +29,14 @@ typedef uint16_t bf16;
 
 #define KEY_BLOCK 64    /* keys per tile: four 16-lane vectors */
 #define QUERY_BLOCK 96  /* queries per work item; a multiple of every row tile below */
-#define AMX_QUERY_BLOCK 192 /* on AMX tiles: each item reads its head's keys and values once, so larger items read
-                               them fewer times (a multiple of 16) */
+#define AMX_QUERY_BLOCK 192 /* on AMX tiles, and in fp32 over long keys: each item reads its head's keys and values
+                               once, so larger items read them fewer times (a multiple of 16 and of 6) */
+#define LONG_KEYS 4096      /* fp32 takes AMX_QUERY_BLOCK from this many keys: over 1,024 keys the smaller items
+                               balance the two threads better (4.0 against 4.2 ms), over 16k the larger read the
+                               keys and values half as often (101 against 107 ms) */
+#define MAX_SLACK 8.0f      /* a row's running maximum moves only when a score exceeds it by this much (log2 units):
+                               probabilities then reach 2^8 at most, harmless in fp32 sums, and most key blocks
+                               need no horizontal maximum and no rescaling */
 #define AMX_QUERY_TILE 64   /* queries per tile of a backward item on AMX: four tiles of 16 rows, two 32-query
                                steps of the products over keys */
 #define ACCUMULATORS 24 /* zmm registers kept as accumulators (of 32) */
@@ -128,7 +134,7 @@ int attention_use_amx(int on) {
     return use_amx;
 }
 
-/* 2^x for x <= 0 to ~2e-4 relative (a cubic of the fraction; exp2_ps's sextic: ~2e-7): on AMX, where the
+/* 2^x for -126 <= x <= 8 to ~2e-4 relative (a cubic of the fraction; exp2_ps's sextic: ~2e-7): on AMX, where the
    products no longer dominate, enough for probabilities that are rounded to bf16 before they are used */
 INLINE __m512 exp2_bf16_ps(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
@@ -243,7 +249,7 @@ typedef struct {
     const float *q32, *k32, *v32;
     float *out32, *k_packed32, *v_packed32;
     float scale_log2; /* softmax scale times log2(e): scores are kept in base 2 */
-    int key_blocks, query_blocks, items;
+    int key_blocks, block_rows, query_blocks, items; /* block_rows: queries per work item */
     int next; /* work counter */
 } Job;
 
@@ -341,7 +347,7 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
     /* items run from the most keys to the fewest, so the causal tail balances across threads */
     const int qblock = job->query_blocks - 1 - item % job->query_blocks, bh = item / job->query_blocks;
     const int b = bh / job->heads, h = bh % job->heads, rows_per_tile = ACCUMULATORS / (D / 16) > 6 ? 6 : ACCUMULATORS / (D / 16);
-    const int block_rows = amx ? AMX_QUERY_BLOCK : QUERY_BLOCK;
+    const int block_rows = job->block_rows;
     const int first = qblock * block_rows, count = job->n - first < block_rows ? job->n - first : block_rows;
     const long offset = (long)job->num_keys - job->n; /* query i sees keys <= i + offset when causal */
     const long key_end = job->causal ? first + count + offset : job->num_keys;
@@ -356,8 +362,8 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
     for (int i = 0; i < count; i++) row_max[i] = -INFINITY, row_sum[i] = 0.0f;
     memset(acc, 0, sizeof(float) * count * D);
     const int groups = (count + AMX_ROWS - 1) / AMX_ROWS;
+    memset(sum_lanes, 0, sizeof(float) * 16 * count); /* each row's sum in 16 lanes, reduced once at the end */
     if (amx) { /* whole tiles of 16 rows: the queries copied contiguous, zeros past the last */
-        memset(sum_lanes, 0, sizeof(float) * 16 * count); /* each row's sum in 16 lanes, reduced at the end */
         for (int i = 0; i < groups * AMX_ROWS; i++)
             if (i < count) memcpy(q_rows + i * D, q + i * job->q_strides[2], sizeof(bf16) * D);
             else memset(q_rows + i * D, 0, sizeof(bf16) * D);
@@ -395,8 +401,11 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
             if (amx) /* the tiles leave the scores unscaled */
                 s0 = _mm512_mul_ps(s0, scale), s1 = _mm512_mul_ps(s1, scale), s2 = _mm512_mul_ps(s2, scale),
                 s3 = _mm512_mul_ps(s3, scale);
-            float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3)));
-            float new_max = block_max > row_max[i] ? block_max : row_max[i];
+            /* the running maximum moves only past MAX_SLACK (a -inf maximum moves at the first finite score) */
+            const __m512 lanes_max = _mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3));
+            float new_max = row_max[i];
+            if (_mm512_cmp_ps_mask(lanes_max, _mm512_set1_ps(row_max[i] + MAX_SLACK), _CMP_GT_OQ))
+                new_max = _mm512_reduce_max_ps(lanes_max);
             __m512 m = _mm512_set1_ps(new_max);
             __m512 p0, p1, p2, p3;
             if (amx)
@@ -420,11 +429,8 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
                 total = _mm512_dpbf16_ps(total, b23, (__m512bh)ones);
             }
             float correction = new_max == row_max[i] ? 1.0f : exp2f(row_max[i] - new_max); /* rare after a few blocks */
-            if (amx) { /* no horizontal sum per block */
-                const __m512 lanes = _mm512_loadu_ps(sum_lanes + 16 * i);
-                _mm512_storeu_ps(sum_lanes + 16 * i, _mm512_fmadd_ps(lanes, _mm512_set1_ps(correction), total));
-            } else
-                row_sum[i] = row_sum[i] * correction + _mm512_reduce_add_ps(total);
+            const __m512 lanes = _mm512_loadu_ps(sum_lanes + 16 * i); /* no horizontal sum per block */
+            _mm512_storeu_ps(sum_lanes + 16 * i, _mm512_fmadd_ps(lanes, _mm512_set1_ps(correction), total));
             row_max[i] = new_max;
             if (correction != 1.0f) {
                 __m512 c = _mm512_set1_ps(correction);
@@ -445,7 +451,7 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
         }
     }
     const long out_at = b * job->out_strides[0] + h * job->out_strides[1] + (long)first * job->out_strides[2];
-    for (int i = 0; i < count && amx; i++) row_sum[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(sum_lanes + 16 * i));
+    for (int i = 0; i < count; i++) row_sum[i] = _mm512_reduce_add_ps(_mm512_loadu_ps(sum_lanes + 16 * i));
     for (int i = 0; i < count; i++) {
         __m512 inv = _mm512_set1_ps(1.0f / row_sum[i]);
         for (int d = 0; d < D; d += 16) {
@@ -744,6 +750,47 @@ static void run_parallel(Job *job, void (*worker)(Job *)) {
     worker(job);
 }
 
+/* Rotary position encoding in place, for inference: x (batch, heads, length, D), fp32 or bf16 (`is_bf16`), unit
+   stride along D and any other strides; its first 2 * half dimensions rotate as half-split pairs (d, d + half) by
+   the angles whose cos and sin are the fp32 tables (table_batch, length, half), contiguous, table_batch 1 or
+   batch. model.apply_rotary does the same in six PyTorch ops and a cat, each a pass over memory (8.8 ms for the
+   keys of a 16k prefill at the bench config, against ~2 ms here); this is one pass, its arithmetic in fp32
+   (bf16 values are rounded once, at the end). Returns 0, or 1 for unsupported sizes. */
+INLINE __m512 load_values(const void *at, int is_bf16, __mmask16 mask) {
+    if (!is_bf16) return _mm512_maskz_loadu_ps(mask, at);
+    const __m256i raw = _mm256_maskz_loadu_epi16(mask, at);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+INLINE void store_values(void *at, __m512 values, int is_bf16, __mmask16 mask) {
+    if (!is_bf16) _mm512_mask_storeu_ps(at, mask, values);
+    else _mm256_mask_storeu_epi16(at, mask, (__m256i)_mm512_cvtneps_pbh(values));
+}
+
+int rotary_in_place(int batch, int heads, int length, int D, int half, int is_bf16, int threads, void *x,
+                    const long *x_strides, const float *cos, const float *sin, int table_batch) {
+    if (half < 1 || 2 * half > D || (table_batch != 1 && table_batch != batch)) return 1;
+    const long rows = (long)batch * length, element = is_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (long row = 0; row < rows; row++) {
+        const long b = row / length, t = row % length;
+        const long table_at = ((table_batch == 1 ? 0 : b) * length + t) * half;
+        for (int h = 0; h < heads; h++) {
+            char *base = (char *)x + (b * x_strides[0] + h * x_strides[1] + t * x_strides[2]) * element;
+            for (int d = 0; d < half; d += 16) {
+                const __mmask16 mask = half - d >= 16 ? 0xFFFF : (__mmask16)((1u << (half - d)) - 1);
+                const __m512 c = _mm512_maskz_loadu_ps(mask, cos + table_at + d);
+                const __m512 s = _mm512_maskz_loadu_ps(mask, sin + table_at + d);
+                void *first = base + d * element, *second = base + (d + half) * element;
+                const __m512 x1 = load_values(first, is_bf16, mask), x2 = load_values(second, is_bf16, mask);
+                store_values(first, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)), is_bf16, mask);
+                store_values(second, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)), is_bf16, mask);
+            }
+        }
+    }
+    return 0;
+}
+
 /* Bytes of the workspace bf16_flash_attention needs for the packed keys and values. */
 long bf16_flash_attention_workspace(int batch, int heads, int num_keys, int D) {
     return 2L * sizeof(uint32_t) * batch * heads * ((num_keys + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2);
@@ -763,7 +810,8 @@ int f32_flash_attention(int batch, int heads, int n, int num_keys, int D, int ca
     job.f32 = 1, job.q32 = q, job.k32 = k, job.v32 = v, job.out32 = out;
     job.lse = lse, job.scale_log2 = scale * 1.44269504f;
     job.key_blocks = (num_keys + KEY_BLOCK - 1) / KEY_BLOCK;
-    job.query_blocks = (n + QUERY_BLOCK - 1) / QUERY_BLOCK;
+    job.block_rows = num_keys >= LONG_KEYS ? AMX_QUERY_BLOCK : QUERY_BLOCK;
+    job.query_blocks = (n + job.block_rows - 1) / job.block_rows;
     job.items = batch * heads * job.query_blocks;
     job.k_packed32 = workspace;
     job.v_packed32 = job.k_packed32 + (size_t)batch * heads * job.key_blocks * KEY_BLOCK * D;
@@ -785,8 +833,8 @@ int bf16_flash_attention(int batch, int heads, int n, int num_keys, int D, int c
         job.out_strides[i] = out_strides[i];
     job.out = out, job.lse = lse, job.scale_log2 = scale * 1.44269504f;
     job.key_blocks = (num_keys + KEY_BLOCK - 1) / KEY_BLOCK;
-    const int block_rows = use_amx ? AMX_QUERY_BLOCK : QUERY_BLOCK; /* run_item's rows per item */
-    job.query_blocks = (n + block_rows - 1) / block_rows;
+    job.block_rows = use_amx ? AMX_QUERY_BLOCK : QUERY_BLOCK;
+    job.query_blocks = (n + job.block_rows - 1) / job.block_rows;
     job.items = batch * heads * job.query_blocks;
     job.k_packed = workspace;
     job.v_packed = job.k_packed + (size_t)batch * heads * job.key_blocks * KEY_BLOCK * (D / 2);

@@ -53,7 +53,17 @@ def _kernel():
     library.attention_use_amx.argtypes, library.attention_use_amx.restype = [ctypes.c_int], ctypes.c_int
     library.attention_use_amx(int({"amx_tile", "amx_bf16"} <= cpu_flags()))
     library.attention_amx.argtypes, library.attention_amx.restype = [], ctypes.c_int
+    rotary = library.rotary_in_place
+    rotary.argtypes = [ctypes.c_int] * 7 + [
+        ctypes.c_void_p,
+        strides,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    rotary.restype = ctypes.c_int
     return {
+        "rotary": rotary,
         torch.bfloat16: function,
         torch.float32: f32_function,
         "workspace": workspace,
@@ -93,6 +103,34 @@ def supports(q: Tensor, k: Tensor, v: Tensor, training: bool = False) -> bool:
         and all(t.stride(-1) == 1 for t in (q, k, v))
         and available()
     )
+
+
+def rotates(x: Tensor) -> bool:
+    """Whether `rotary_in_place` takes x: a (B, H, T, Dh) fp32 or bf16 CPU tensor, unit stride along Dh, that
+    autograd does not track (inference), outside torch.compile's tracing."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dim() == 4
+        and x.stride(-1) == 1
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+def rotary_in_place(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """model.apply_rotary's rotation written into x itself in one pass (x: see `rotates`; cos, sin (B|1, T, R/2)).
+    Returns x. For fresh projections only: whoever else holds x sees it rotated."""
+    batch, heads, length, head_dim = x.shape
+    cos, sin = (table.to(torch.float32).contiguous() for table in (cos, sin))
+    status = _kernel()["rotary"](
+        batch, heads, length, head_dim, cos.shape[-1], int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        x.data_ptr(), _strides(x), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+    )  # fmt: skip
+    if status:
+        raise RuntimeError(f"cpu_attention rotary kernel failed with status {status}")
+    return x
 
 
 def _strides(t: Tensor):

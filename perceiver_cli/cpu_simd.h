@@ -11,7 +11,7 @@
 INLINE __mmask16 tail_mask(long remaining) { return remaining >= 16 ? 0xFFFF : (__mmask16)((1u << remaining) - 1); }
 
 INLINE __m512 exp2_ps(__m512 x) {
-    /* 2^x for x <= 0: 2^floor(x) by vscalefps times a degree-6 polynomial of the fraction (rel. error ~2e-7) */
+    /* 2^x for -126 <= x < 128 (the attention kernel's x <= 8): 2^floor(x) by vscalefps times a degree-6 polynomial of the fraction (rel. error ~2e-7) */
     x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
     __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, whole);

