@@ -142,3 +142,13 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
 def kept_freed_memory() -> bool:
     """Whether keep_freed_memory() took effect in this process."""
     return _KEPT_FREED_MEMORY
+
+
+def adamw(parameters: list, **options) -> torch.optim.AdamW:
+    """AdamW as one fused kernel over every parameter (CPU since torch 2.4, and CUDA): on 2 cores a step over the
+    bench config's 28.5 M parameters takes 17 ms against foreach's 56 (BENCHMARKS.md "Fused AdamW"). Where this
+    torch has no fused kernel for the device, the foreach one."""
+    try:
+        return torch.optim.AdamW(parameters, fused=True, **options)
+    except RuntimeError:
+        return torch.optim.AdamW(parameters, foreach=True, **options)

@@ -45,3 +45,26 @@ def test_decode_threads_leave_busy_cores_alone(monkeypatch):
     assert device.decode_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert device.decode_threads() == 3
+
+
+def test_adamw_is_fused_and_steps_as_foreach_does():
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)]
+    twins = [w.detach().clone().requires_grad_() for w in weights]
+    fused = device.adamw(
+        [{"params": weights[:1], "weight_decay": 0.1}, {"params": weights[1:], "weight_decay": 0.0}], lr=1e-2
+    )
+    foreach = torch.optim.AdamW(
+        [{"params": twins[:1], "weight_decay": 0.1}, {"params": twins[1:], "weight_decay": 0.0}],
+        lr=1e-2,
+        foreach=True,
+    )
+    assert fused.defaults["fused"]  # this torch (2.4 and later) has the CPU kernel
+    for _ in range(5):
+        gradients = [torch.randn_like(w) for w in weights]
+        for group, optimizer in ((weights, fused), (twins, foreach)):
+            for w, g in zip(group, gradients, strict=True):
+                w.grad = g.clone()
+            optimizer.step()
+    for ours, theirs in zip(weights, twins, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)

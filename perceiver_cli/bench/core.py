@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..device import autocast, cpu_name
+from ..device import adamw, autocast, cpu_name
 from ..model import PerceiverAR, PerceiverARConfig, latent_loss
 
 VOCAB, D_MODEL, HEADS, LATENT_LAYERS, LATENTS = 388, 512, 8, 8, 1024
@@ -114,7 +114,7 @@ def run_case(case: dict) -> dict:
         result.update(seconds=seconds, tokens_per_s=new / seconds)
     elif kind == "train":
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        optimizer = adamw(list(model.parameters()), lr=1e-4)
 
         def step():
             with autocast(device, dtype):

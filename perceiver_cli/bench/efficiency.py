@@ -33,7 +33,7 @@ import time
 import torch
 
 from .. import cpu_attention, cpu_decode
-from ..device import autocast, cpu_has_fast_bf16, kept_freed_memory
+from ..device import adamw, autocast, cpu_has_fast_bf16, kept_freed_memory
 from ..generate import (
     SamplingOptions,
     auto_decode_dtypes,
@@ -270,7 +270,7 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
         seconds = best_time(prefill, repeats=2)
         results[f"prefill_{name}"] = {"seconds": seconds, "fraction_of_peak": forward_flops / seconds / peaks[name]}
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        optimizer = adamw(list(model.parameters()), lr=1e-5)
 
         def step(dtype=dtype, optimizer=optimizer):
             with autocast(device, dtype):

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from ..codecs import Codec
 from ..codecs.music import stretch_tokens, transpose_tokens
-from ..device import autocast, resolve_device, resolve_dtype
+from ..device import adamw, autocast, resolve_device, resolve_dtype
 from ..model import PerceiverAR, PerceiverARConfig, latent_loss
 from .config import TrainConfig
 from .prepare import PreparedData
@@ -145,7 +145,7 @@ def make_optimizer(model: PerceiverAR, config: TrainConfig) -> torch.optim.AdamW
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     keep = [p for n, p in model.named_parameters() if p.dim() < 2 or "embedding" in n]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=True)
+    return adamw(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
