@@ -750,12 +750,14 @@ static void run_parallel(Job *job, void (*worker)(Job *)) {
     worker(job);
 }
 
-/* Rotary position encoding in place, for inference: x (batch, heads, length, D), fp32 or bf16 (`is_bf16`), unit
-   stride along D and any other strides; its first 2 * half dimensions rotate as half-split pairs (d, d + half) by
-   the angles whose cos and sin are the fp32 tables (table_batch, length, half), contiguous, table_batch 1 or
-   batch. model.apply_rotary does the same in six PyTorch ops and a cat, each a pass over memory (8.8 ms for the
-   keys of a 16k prefill at the bench config, against ~2 ms here); this is one pass, its arithmetic in fp32
-   (bf16 values are rounded once, at the end). Returns 0, or 1 for unsupported sizes. */
+/* Rotary position encoding: out = x rotated, x and out (batch, heads, length, D), fp32 or bf16 (`is_bf16`), unit
+   stride along D and any other strides; out may be x itself (in place). The first 2 * half dimensions rotate as
+   half-split pairs (d, d + half) by the angles whose cos and sin are the fp32 tables (table_batch, length, half),
+   contiguous, table_batch 1 or batch; the rest are copied. `inverse` rotates by the negative angles: the
+   backward pass, whose gradient is the transpose of the rotation. model.apply_rotary does the same in six
+   PyTorch ops and a cat, each a pass over memory (8.8 ms for the keys of a 16k prefill at the bench config,
+   against ~2 ms here), and its backward in as many; this is one pass, its arithmetic in fp32 (bf16 values are
+   rounded once, at the end). Returns 0, or 1 for unsupported sizes. */
 INLINE __m512 load_values(const void *at, int is_bf16, __mmask16 mask) {
     if (!is_bf16) return _mm512_maskz_loadu_ps(mask, at);
     const __m256i raw = _mm256_maskz_loadu_epi16(mask, at);
@@ -767,25 +769,30 @@ INLINE void store_values(void *at, __m512 values, int is_bf16, __mmask16 mask) {
     else _mm256_mask_storeu_epi16(at, mask, (__m256i)_mm512_cvtneps_pbh(values));
 }
 
-int rotary_in_place(int batch, int heads, int length, int D, int half, int is_bf16, int threads, void *x,
-                    const long *x_strides, const float *cos, const float *sin, int table_batch) {
+int rotary(int batch, int heads, int length, int D, int half, int is_bf16, int threads, const void *x,
+           const long *x_strides, void *out, const long *out_strides, const float *cos, const float *sin,
+           int table_batch, int inverse) {
     if (half < 1 || 2 * half > D || (table_batch != 1 && table_batch != batch)) return 1;
     const long rows = (long)batch * length, element = is_bf16 ? 2 : 4;
+    const __m512 sign = _mm512_set1_ps(inverse ? -1.0f : 1.0f);
 #pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
     for (long row = 0; row < rows; row++) {
         const long b = row / length, t = row % length;
         const long table_at = ((table_batch == 1 ? 0 : b) * length + t) * half;
         for (int h = 0; h < heads; h++) {
-            char *base = (char *)x + (b * x_strides[0] + h * x_strides[1] + t * x_strides[2]) * element;
+            const char *from = (const char *)x + (b * x_strides[0] + h * x_strides[1] + t * x_strides[2]) * element;
+            char *to = (char *)out + (b * out_strides[0] + h * out_strides[1] + t * out_strides[2]) * element;
             for (int d = 0; d < half; d += 16) {
                 const __mmask16 mask = half - d >= 16 ? 0xFFFF : (__mmask16)((1u << (half - d)) - 1);
                 const __m512 c = _mm512_maskz_loadu_ps(mask, cos + table_at + d);
-                const __m512 s = _mm512_maskz_loadu_ps(mask, sin + table_at + d);
-                void *first = base + d * element, *second = base + (d + half) * element;
-                const __m512 x1 = load_values(first, is_bf16, mask), x2 = load_values(second, is_bf16, mask);
-                store_values(first, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)), is_bf16, mask);
-                store_values(second, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)), is_bf16, mask);
+                const __m512 s = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(mask, sin + table_at + d));
+                const __m512 x1 = load_values(from + d * element, is_bf16, mask);
+                const __m512 x2 = load_values(from + (d + half) * element, is_bf16, mask);
+                store_values(to + d * element, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)), is_bf16, mask);
+                store_values(to + (d + half) * element, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)),
+                             is_bf16, mask);
             }
+            if (to != from) memcpy(to + 2 * half * element, from + 2 * half * element, (D - 2 * half) * element);
         }
     }
     return 0;

@@ -53,14 +53,10 @@ def _kernel():
     library.attention_use_amx.argtypes, library.attention_use_amx.restype = [ctypes.c_int], ctypes.c_int
     library.attention_use_amx(int({"amx_tile", "amx_bf16"} <= cpu_flags()))
     library.attention_amx.argtypes, library.attention_amx.restype = [], ctypes.c_int
-    rotary = library.rotary_in_place
-    rotary.argtypes = [ctypes.c_int] * 7 + [
-        ctypes.c_void_p,
-        strides,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
+    rotary = library.rotary
+    rotary.argtypes = (
+        [ctypes.c_int] * 7 + [ctypes.c_void_p, strides] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+    )
     rotary.restype = ctypes.c_int
     return {
         "rotary": rotary,
@@ -106,31 +102,56 @@ def supports(q: Tensor, k: Tensor, v: Tensor, training: bool = False) -> bool:
 
 
 def rotates(x: Tensor) -> bool:
-    """Whether `rotary_in_place` takes x: a (B, H, T, Dh) fp32 or bf16 CPU tensor, unit stride along Dh, that
-    autograd does not track (inference), outside torch.compile's tracing."""
+    """Whether `rotary_in_place` and `trainable_rotary` take x: a (B, H, T, Dh) fp32 or bf16 CPU tensor with unit
+    stride along Dh, outside torch.compile's tracing."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.dim() == 4
         and x.stride(-1) == 1
-        and not (torch.is_grad_enabled() and x.requires_grad)
         and not torch.compiler.is_compiling()
         and available()
     )
 
 
-def rotary_in_place(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """model.apply_rotary's rotation written into x itself in one pass (x: see `rotates`; cos, sin (B|1, T, R/2)).
-    Returns x. For fresh projections only: whoever else holds x sees it rotated."""
+def _rotary(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
     batch, heads, length, head_dim = x.shape
     cos, sin = (table.to(torch.float32).contiguous() for table in (cos, sin))
     status = _kernel()["rotary"](
         batch, heads, length, head_dim, cos.shape[-1], int(x.dtype == torch.bfloat16), torch.get_num_threads(),
-        x.data_ptr(), _strides(x), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+        x.data_ptr(), _strides(x), out.data_ptr(), _strides(out), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+        int(inverse),
     )  # fmt: skip
     if status:
         raise RuntimeError(f"cpu_attention rotary kernel failed with status {status}")
-    return x
+    return out
+
+
+def rotary_in_place(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """model.apply_rotary's rotation written into x itself in one pass (x: see `rotates`; cos, sin (B|1, T, R/2)).
+    Returns x. For fresh projections in inference only: whoever else holds x sees it rotated."""
+    return _rotary(x, x, cos, sin)
+
+
+class _TrainableRotary(torch.autograd.Function):
+    """The rotation into a new tensor, and its backward pass: the gradient rotated by the negative angles."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotary(x, _heads_last(x.shape, x), cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        return _rotary(grad_out, _heads_last(grad_out.shape, grad_out), cos, sin, inverse=True), None, None
+
+
+def trainable_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """model.apply_rotary as one pass forward and one backward (x: see `rotates`), in the (B, T, H, Dh) memory
+    layout the model's projections have."""
+    return _TrainableRotary.apply(x, cos, sin)
 
 
 def _strides(t: Tensor):

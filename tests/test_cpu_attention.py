@@ -125,12 +125,28 @@ def test_rotary_in_place_matches_apply_rotary(dtype, batch, length, heads, head_
 
 
 @needs_kernel
-def test_rotate_projection_leaves_tracked_tensors_to_apply_rotary():
-    key = torch.randn(1, 2, 10, 64, requires_grad=True)
-    cos, sin = rotary_tables(torch.arange(10)[None], 32, 10_000.0, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim, table_batch", [(32, 1), (20, 2)])
+def test_trainable_rotary_matches_apply_rotary_forward_and_backward(dtype, rotary_dim, table_batch):
+    torch.manual_seed(rotary_dim)
+    batch, length, heads, head_dim = 2, 70, 3, 64
+    projection = torch.randn(batch, length, 2 * heads * head_dim).to(dtype).requires_grad_()
+    key = projection[..., : heads * head_dim].view(batch, length, heads, head_dim).transpose(1, 2)
+    cos, sin = rotary_tables(
+        torch.arange(length)[None].expand(table_batch, length) + 5, rotary_dim, 1e4, torch.float32
+    )
+    grad_out = torch.randn(batch, heads, head_dim, length).to(dtype).transpose(-1, -2)  # not unit stride on Dh
     rotated = rotate_projection(key, cos, sin)
-    assert rotated.data_ptr() != key.data_ptr() and rotated.grad_fn is not None
-    torch.testing.assert_close(rotated, apply_rotary(key, cos, sin))
+    assert rotated.grad_fn is not None and rotated.data_ptr() != key.data_ptr()  # a new tensor under autograd
+    (ours,) = torch.autograd.grad(rotated, projection, grad_out)
+    exact = projection.detach().float().requires_grad_()
+    exact_key = exact[..., : heads * head_dim].view(batch, length, heads, head_dim).transpose(1, 2)
+    expected = apply_rotary(exact_key, cos, sin)
+    (expected_grad,) = torch.autograd.grad(expected, exact, grad_out.float())
+    assert ours.dtype == dtype and ours[..., heads * head_dim :].abs().max() == 0  # the values get no gradient
+    tolerance = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=8e-3)
+    torch.testing.assert_close(rotated.float(), expected.detach(), **tolerance)
+    torch.testing.assert_close(ours.float(), expected_grad, **tolerance)
 
 
 @needs_kernel
