@@ -758,12 +758,6 @@ static void run_parallel(Job *job, void (*worker)(Job *)) {
    PyTorch ops and a cat, each a pass over memory (8.8 ms for the keys of a 16k prefill at the bench config,
    against ~2 ms here), and its backward in as many; this is one pass, its arithmetic in fp32 (bf16 values are
    rounded once, at the end). Returns 0, or 1 for unsupported sizes. */
-INLINE __m512 load_values(const void *at, int is_bf16, __mmask16 mask) {
-    if (!is_bf16) return _mm512_maskz_loadu_ps(mask, at);
-    const __m256i raw = _mm256_maskz_loadu_epi16(mask, at);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 INLINE void store_values(void *at, __m512 values, int is_bf16, __mmask16 mask) {
     if (!is_bf16) _mm512_mask_storeu_ps(at, mask, values);
     else _mm256_mask_storeu_epi16(at, mask, (__m256i)_mm512_cvtneps_pbh(values));
@@ -786,8 +780,8 @@ int rotary(int batch, int heads, int length, int D, int half, int is_bf16, int t
                 const __mmask16 mask = half - d >= 16 ? 0xFFFF : (__mmask16)((1u << (half - d)) - 1);
                 const __m512 c = _mm512_maskz_loadu_ps(mask, cos + table_at + d);
                 const __m512 s = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(mask, sin + table_at + d));
-                const __m512 x1 = load_values(from + d * element, is_bf16, mask);
-                const __m512 x2 = load_values(from + (d + half) * element, is_bf16, mask);
+                const __m512 x1 = load_widened(from + d * element, is_bf16, mask);
+                const __m512 x2 = load_widened(from + (d + half) * element, is_bf16, mask);
                 store_values(to + d * element, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)), is_bf16, mask);
                 store_values(to + (d + half) * element, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)),
                              is_bf16, mask);

@@ -1,4 +1,5 @@
-"""Building and loading our C kernels (cpu_attention.c, cpu_decode.c) at first use, with the system C compiler.
+"""Building and loading our C kernels (cpu_attention.c, cpu_decode.c, cpu_loss.c) at first use, with the system
+C compiler.
 
 Each kernel is plain C with AVX-512 intrinsics and no PyTorch headers. It is compiled once per source version and
 flags into the user's cache folder (~2 s) and loaded through ctypes, which releases the GIL during a call. With

@@ -1,4 +1,4 @@
-/* SIMD helpers shared by the C kernels (cpu_attention.c, cpu_decode.c); AVX-512F, and AMX's set-up. */
+/* SIMD helpers shared by the C kernels (cpu_attention.c, cpu_decode.c, cpu_loss.c); AVX-512F, and AMX's set-up. */
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
@@ -10,8 +10,16 @@
 /* the first `remaining` of 16 lanes */
 INLINE __mmask16 tail_mask(long remaining) { return remaining >= 16 ? 0xFFFF : (__mmask16)((1u << remaining) - 1); }
 
+/* 16 values from `at` (masked lanes zero), fp32 or bf16 widened to fp32 */
+INLINE __m512 load_widened(const void *at, int is_bf16, __mmask16 mask) {
+    if (!is_bf16) return _mm512_maskz_loadu_ps(mask, at);
+    const __m256i raw = _mm256_maskz_loadu_epi16(mask, at);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
 INLINE __m512 exp2_ps(__m512 x) {
-    /* 2^x for -126 <= x < 128 (the attention kernel's x <= 8): 2^floor(x) by vscalefps times a degree-6 polynomial of the fraction (rel. error ~2e-7) */
+    /* 2^x for -126 <= x < 128 (the attention kernel's x <= 8): 2^floor(x) by vscalefps times a degree-6
+       polynomial of the fraction (rel. error ~2e-7); below -126, 2^-126 */
     x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
     __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, whole);

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_attention
+from . import cpu_attention, cpu_loss
 
 
 @dataclass
@@ -515,6 +515,15 @@ class PerceiverAR(nn.Module):
         return {"total": total, "per_latent": total / n}
 
 
+def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy in nats of each row of logits (R, V) against targets (R,), in fp32 whatever the logits'
+    dtype: on CPUs with our kernels in one pass over each row each way (cpu_loss.py), else PyTorch's over an
+    fp32 copy."""
+    if cpu_loss.supports(logits):
+        return cpu_loss.cross_entropy(logits, targets)
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
 def latent_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy over the latent positions.
 
@@ -522,4 +531,5 @@ def latent_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Ten
     (B, n, V) cover the last n input positions, so they are scored against targets[:, -n:].
     """
     n = logits.shape[1]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, -n:].flatten(), reduction=reduction)
+    losses = token_losses(logits.flatten(0, 1), targets[:, -n:].flatten())
+    return {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()

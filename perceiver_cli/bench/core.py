@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..device import adamw, autocast, cpu_name
-from ..model import PerceiverAR, PerceiverARConfig, latent_loss
+from ..model import PerceiverAR, PerceiverARConfig, latent_loss, token_losses
 
 VOCAB, D_MODEL, HEADS, LATENT_LAYERS, LATENTS = 388, 512, 8, 8, 1024
 
@@ -122,7 +122,7 @@ def run_case(case: dict) -> dict:
             if latent_model:
                 loss = latent_loss(logits, tokens[:, 1:])
             else:
-                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[0, 1:])
+                loss = token_losses(logits.flatten(0, 1), tokens[0, 1:]).mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

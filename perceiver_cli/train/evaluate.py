@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..codecs import Codec
 from ..codecs.music import duration_seconds
 from ..device import autocast
-from ..model import PerceiverAR
+from ..model import PerceiverAR, token_losses
 
 
 @torch.no_grad()
@@ -52,7 +51,7 @@ def score_document(
         with autocast(device, dtype):
             logits = model(inputs, num_latents=latents, position_offset=start)
         targets = tokens[0, position + 1 : stride_end + 1]
-        nats = F.cross_entropy(logits[0].float(), targets, reduction="none")
+        nats = token_losses(logits[0], targets)
         bits[position:stride_end] = (nats / math.log(2)).cpu().numpy()
         position = stride_end
     return bits
