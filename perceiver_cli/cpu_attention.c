@@ -755,9 +755,10 @@ static void run_parallel(Job *job, void (*worker)(Job *)) {
    half-split pairs (d, d + half) by the angles whose cos and sin are the fp32 tables (table_batch, length, half),
    contiguous, table_batch 1 or batch; the rest are copied. `inverse` rotates by the negative angles: the
    backward pass, whose gradient is the transpose of the rotation. model.apply_rotary does the same in six
-   PyTorch ops and a cat, each a pass over memory (8.8 ms for the keys of a 16k prefill at the bench config,
-   against ~2 ms here), and its backward in as many; this is one pass, its arithmetic in fp32 (bf16 values are
-   rounded once, at the end). Returns 0, or 1 for unsupported sizes. */
+   PyTorch ops and a cat, each a pass over memory (9.0 ms for the keys of a 16k prefill at the bench config,
+   against 0.8 ms in place here; forward and backward in training 26.5 against 5.5 ms: benchmarks/ab/rotary.py);
+   this is one pass, its arithmetic in fp32 (bf16 values are rounded once, at the end). Returns 0, or 1 for
+   unsupported sizes. */
 INLINE void store_values(void *at, __m512 values, int is_bf16, __mmask16 mask) {
     if (!is_bf16) _mm512_mask_storeu_ps(at, mask, values);
     else _mm256_mask_storeu_epi16(at, mask, (__m256i)_mm512_cvtneps_pbh(values));
