@@ -112,18 +112,22 @@ def evaluate_documents(
     """Documents are [BOS] + content (+ EOS), as prepared shards store them."""
     result = EvalResult()
     units = UNITS[codec.name]
-    for index, document in enumerate(documents):
-        document = np.asarray(document, dtype=np.int64)
-        if len(document) < 2:
-            continue
-        bits = score_document(
-            model, document, num_latents=num_latents, device=device, dtype=dtype, max_context=max_context
-        )
-        result.documents += 1
-        result.tokens += len(bits)
-        result.bits += float(bits.sum())
-        for unit, count in units(codec, document).items():
-            result.units[unit] = result.units.get(unit, 0.0) + count
-        if on_progress:
-            on_progress(index + 1, len(documents))
+    # One autocast context around every window (score_document's own nest inside it): autocast keeps the bf16
+    # copies of the weights it makes until its outermost context ends, so they are made once, not per window
+    # (perceiver eval --dtype bf16 of text-v1 over 16 books: BENCHMARKS.md "Stop 33").
+    with autocast(device or next(model.parameters()).device, dtype):
+        for index, document in enumerate(documents):
+            document = np.asarray(document, dtype=np.int64)
+            if len(document) < 2:
+                continue
+            bits = score_document(
+                model, document, num_latents=num_latents, device=device, dtype=dtype, max_context=max_context
+            )
+            result.documents += 1
+            result.tokens += len(bits)
+            result.bits += float(bits.sum())
+            for unit, count in units(codec, document).items():
+                result.units[unit] = result.units.get(unit, 0.0) + count
+            if on_progress:
+                on_progress(index + 1, len(documents))
     return result

@@ -281,12 +281,12 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 def evaluate_batches(model: PerceiverAR, batches, device, dtype) -> float:
     model.eval()
     total, count = 0.0, 0
-    for inputs, targets in batches:
-        with autocast(device, dtype):
+    with autocast(device, dtype):  # one context: autocast casts the weights to bf16 once, not once per batch
+        for inputs, targets in batches:
             logits = model(inputs.to(device))
-        loss = latent_loss(logits, targets.to(device), reduction="sum")
-        total += loss.item()
-        count += logits.shape[0] * logits.shape[1]
+            loss = latent_loss(logits, targets.to(device), reduction="sum")
+            total += loss.item()
+            count += logits.shape[0] * logits.shape[1]
     model.train()
     return total / max(1, count)
 

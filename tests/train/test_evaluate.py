@@ -52,3 +52,23 @@ def test_sliding_windows_score_each_token_once_with_the_full_context():
         position = (target - 1) - (stride_end - logits.shape[1])
         expected = -torch.log_softmax(logits[0, position], -1)[document[target]].item() / math.log(2)
         assert bits[target - 1] == pytest.approx(expected, abs=1e-4), target
+
+
+def test_bf16_evaluation_casts_the_weights_once_and_scores_as_window_by_window():
+    torch.manual_seed(0)
+    codec = MusicCodec()
+    model = PerceiverAR(
+        PerceiverARConfig(
+            vocab_size=codec.vocab_size, max_context=24, num_latents=6, d_model=32, num_heads=2, num_layers=1
+        )
+    ).eval()
+    rng = np.random.default_rng(1)
+    documents = [np.concatenate([[codec.bos_id], rng.integers(0, 388, size=n)]) for n in (40, 61)]  # 17 windows
+    with torch.profiler.profile(record_shapes=True) as profile:
+        together = evaluate_documents(model, codec, documents, dtype=torch.bfloat16)
+    window_by_window = sum(score_document(model, d, dtype=torch.bfloat16).sum() for d in documents)
+    assert together.bits == pytest.approx(window_by_window, rel=1e-9)  # the same bf16 weights either way
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = sorted(tuple(m.weight.shape) for m in linears)
+    casts = [tuple(e.input_shapes[0]) for e in profile.events() if e.name == "aten::_to_copy" and e.input_shapes]
+    assert sorted(shape for shape in casts if shape in weights) == weights  # each cast once for all 17 windows
