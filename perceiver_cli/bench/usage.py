@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def _timed(arguments: list[str]) -> float:
     start = time.perf_counter()
@@ -57,7 +59,7 @@ def generate_times(photo: Path, seeds: tuple[int, ...] = (1, 2, 3)) -> list[dict
     return rows
 
 
-def train_speed(data: Path, preset: str = "small", steps: int = 6) -> dict:
+def train_speed(data: Path, preset: str = "small", steps: int = 14, warm_up: int = 4) -> dict:
     from ..train.config import load_train_config
     from ..train.loop import train
 
@@ -66,8 +68,10 @@ def train_speed(data: Path, preset: str = "small", steps: int = 6) -> dict:
     )
     with tempfile.TemporaryDirectory() as scratch:
         result = train(data, Path(scratch) / "run", config)
-    steady = [r for r in result.history if "elapsed_s" in r][1:]  # drop the first step (warm-up, allocation)
-    seconds_per_step = (steady[-1]["elapsed_s"] - steady[0]["elapsed_s"]) / max(1, len(steady) - 1)
+    # the first steps are slow while the allocator's heap and huge pages fill in (two to three of them at text-v1's
+    # shape): drop `warm_up` steps, and take the median step so that one slow moment of a VM moves nothing
+    elapsed = [r["elapsed_s"] for r in result.history if "elapsed_s" in r][warm_up:]
+    seconds_per_step = float(np.median(np.diff(elapsed)))
     targets_per_step = config.batch_size * config.grad_accum * min(config.latents, config.context)
     return {
         "preset": preset,
