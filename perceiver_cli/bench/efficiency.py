@@ -6,7 +6,8 @@ the start, between the FLOP-bound and the decode parts, and at the end of the ru
 slow moment of the VM never flatters a fraction. A plain sum's read bandwidth is recorded beside it for comparison.
 Then, for the bench config of core.py:
   prefill / training step at 16k: achieved FLOP/s over the GEMM peak, FLOPs counted analytically by
-      PerceiverAR.flops_per_token (2 per multiply-add; a training step counts 3x the forward);
+      PerceiverAR.flops_per_token (2 per multiply-add; a training step counts 3x the forward); the best of 5
+      prefills and of 3 training steps, each after a warm-up call;
   cached decode after a 4,096-token prompt at batch 1 and 16, over one whole refill cycle (N - R cached steps
       and their one refill): the steady rate of the cached steps over the streaming ceiling, where each step
       must read every weight once plus, per row, the cross-attention cache and the latent caches it attends
@@ -267,7 +268,7 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             with torch.no_grad(), autocast(device, dtype):
                 model(tokens[:, :context])
 
-        seconds = best_time(prefill, repeats=2)
+        seconds = best_time(prefill, repeats=5)  # best of 5, as the GEMM peak it is set against
         results[f"prefill_{name}"] = {"seconds": seconds, "fraction_of_peak": forward_flops / seconds / peaks[name]}
         model.train()
         optimizer = adamw(list(model.parameters()), lr=1e-5)
@@ -279,7 +280,9 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        seconds = best_time(step, repeats=1)
+        # best of 3 after a warm-up: a step's first two or three calls run slow while the allocator's heap and
+        # huge pages fill in (BENCHMARKS.md "Stop 33"), so one timed call after one warm-up was still among them
+        seconds = best_time(step, repeats=3)
         results[f"train_{name}"] = {
             "seconds": seconds,
             "fraction_of_peak": 3 * forward_flops / seconds / peaks[name],
