@@ -2,7 +2,7 @@
 
 `cross_entropy` is F.cross_entropy(logits.float(), targets, reduction="none") with its backward, computed from
 the logits in their own dtype (bf16 under autocast) in one pass over each row backward and two forward, where
-PyTorch makes four over an fp32 copy each way (BENCHMARKS.md "Cross-entropy in one pass"). model.latent_loss
+PyTorch makes four over an fp32 copy each way (BENCHMARKS.md "Stop 33"). model.latent_loss
 uses it wherever `supports` says so; elsewhere PyTorch's.
 """
 

@@ -146,7 +146,7 @@ def kept_freed_memory() -> bool:
 
 def adamw(parameters: list, **options) -> torch.optim.AdamW:
     """AdamW as one fused kernel over every parameter (CPU since torch 2.4, and CUDA): on 2 cores a step over the
-    bench config's 28.5 M parameters takes 17 ms against foreach's 56 (BENCHMARKS.md "Fused AdamW"). Where this
+    bench config's 28.5 M parameters takes 17 ms against foreach's 56 (BENCHMARKS.md "Stop 33"). Where this
     torch has no fused kernel for the device, the foreach one."""
     try:
         return torch.optim.AdamW(parameters, fused=True, **options)

@@ -28,21 +28,25 @@ def best_ms(function, repeats: int = 10) -> float:
     return best * 1e3
 
 
+def measure(length: int) -> str:
+    projection = torch.randn(1, length, 1024)
+    key = projection[..., :512].view(1, length, 8, 64).transpose(1, 2)
+    cos, sin = rotary_tables(torch.arange(length)[None], 32, 10_000.0, torch.float32)
+    grad = torch.randn(1, length, 8, 64).transpose(1, 2)
+    trainable = key.detach().clone().requires_grad_()
+    return (
+        f"{length:6d} positions: inference apply_rotary {best_ms(lambda: apply_rotary(key, cos, sin)):.2f} ms,"
+        f" in place {best_ms(lambda: cpu_attention.rotary_in_place(key, cos, sin)):.2f} ms;"
+        f" training apply_rotary {best_ms(lambda: apply_rotary(trainable, cos, sin).backward(grad)):.2f} ms,"
+        f" C {best_ms(lambda: cpu_attention.trainable_rotary(trainable, cos, sin).backward(grad)):.2f} ms"
+    )
+
+
 def main() -> None:
     keep_freed_memory()
     torch.set_num_threads(2)
     for length in (16384, 1024):
-        projection = torch.randn(1, length, 1024)
-        key = projection[..., :512].view(1, length, 8, 64).transpose(1, 2)
-        cos, sin = rotary_tables(torch.arange(length)[None], 32, 10_000.0, torch.float32)
-        grad = torch.randn(1, length, 8, 64).transpose(1, 2)
-        trainable = key.detach().clone().requires_grad_()
-        print(
-            f"{length:6d} positions: inference apply_rotary {best_ms(lambda: apply_rotary(key, cos, sin)):.2f} ms,"
-            f" in place {best_ms(lambda: cpu_attention.rotary_in_place(key, cos, sin)):.2f} ms;"
-            f" training apply_rotary {best_ms(lambda: apply_rotary(trainable, cos, sin).backward(grad)):.2f} ms,"
-            f" C {best_ms(lambda: cpu_attention.trainable_rotary(trainable, cos, sin).backward(grad)):.2f} ms"
-        )
+        print(measure(length))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A bf16 training step at text-v1's shape (batch 4 x 4,096, 512 latents, width 320, 5 heads, 6 layers, 8k
 vocabulary) with this stop's three training changes switched on one at a time, alternated in one process
-(BENCHMARKS.md "Training steps (issue #11, stop 33)"): the fused AdamW (device.adamw, against foreach), rotary
+(BENCHMARKS.md "Stop 33"): the fused AdamW (device.adamw, against foreach), rotary
 in one C pass each way (cpu_attention.trainable_rotary, against model.apply_rotary) and the cross-entropy kernel
 (cpu_loss, against F.cross_entropy on an fp32 copy). Prints each configuration's best of 3 steps per round.
 
