@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..device import adamw, autocast, cpu_name
+from ..device import adamw, autocast, cpu_name, keep_freed_memory
 from ..model import PerceiverAR, PerceiverARConfig, latent_loss, token_losses
 
 VOCAB, D_MODEL, HEADS, LATENT_LAYERS, LATENTS = 388, 512, 8, 8, 1024
@@ -363,4 +363,8 @@ def machine_line() -> str:
 
 
 if __name__ == "__main__":
+    # as the command line does at start (cli/__init__.py), so that a benchmark child measures what `perceiver`
+    # runs: glibc keeps freed activations for reuse (BENCHMARKS.md "Keeping freed memory")
+    if os.environ.get("PERCEIVER_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()
     print(json.dumps(run_case(json.loads(sys.argv[1]))))
