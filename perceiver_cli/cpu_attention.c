@@ -750,6 +750,12 @@ static void run_parallel(Job *job, void (*worker)(Job *)) {
     worker(job);
 }
 
+/* 16 values to `at` (masked lanes untouched), fp32 or rounded to bf16 */
+INLINE void store_values(void *at, __m512 values, int is_bf16, __mmask16 mask) {
+    if (!is_bf16) _mm512_mask_storeu_ps(at, mask, values);
+    else _mm256_mask_storeu_epi16(at, mask, (__m256i)_mm512_cvtneps_pbh(values));
+}
+
 /* Rotary position encoding: out = x rotated, x and out (batch, heads, length, D), fp32 or bf16 (`is_bf16`), unit
    stride along D and any other strides; out may be x itself (in place). The first 2 * half dimensions rotate as
    half-split pairs (d, d + half) by the angles whose cos and sin are the fp32 tables (table_batch, length, half),
@@ -759,11 +765,6 @@ static void run_parallel(Job *job, void (*worker)(Job *)) {
    against 0.8 ms in place here; forward and backward in training 26.5 against 5.5 ms: benchmarks/ab/rotary.py);
    this is one pass, its arithmetic in fp32 (bf16 values are rounded once, at the end). Returns 0, or 1 for
    unsupported sizes. */
-INLINE void store_values(void *at, __m512 values, int is_bf16, __mmask16 mask) {
-    if (!is_bf16) _mm512_mask_storeu_ps(at, mask, values);
-    else _mm256_mask_storeu_epi16(at, mask, (__m256i)_mm512_cvtneps_pbh(values));
-}
-
 int rotary(int batch, int heads, int length, int D, int half, int is_bf16, int threads, const void *x,
            const long *x_strides, void *out, const long *out_strides, const float *cos, const float *sin,
            int table_batch, int inverse) {
@@ -778,7 +779,7 @@ int rotary(int batch, int heads, int length, int D, int half, int is_bf16, int t
             const char *from = (const char *)x + (b * x_strides[0] + h * x_strides[1] + t * x_strides[2]) * element;
             char *to = (char *)out + (b * out_strides[0] + h * out_strides[1] + t * out_strides[2]) * element;
             for (int d = 0; d < half; d += 16) {
-                const __mmask16 mask = half - d >= 16 ? 0xFFFF : (__mmask16)((1u << (half - d)) - 1);
+                const __mmask16 mask = tail_mask(half - d);
                 const __m512 c = _mm512_maskz_loadu_ps(mask, cos + table_at + d);
                 const __m512 s = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(mask, sin + table_at + d));
                 const __m512 x1 = load_widened(from + d * element, is_bf16, mask);

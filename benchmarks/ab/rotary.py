@@ -7,25 +7,19 @@ warm-up (BENCHMARKS.md "Stop 33").
 """
 
 import os
-import time
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
 from perceiver_cli import cpu_attention  # noqa: E402
+from perceiver_cli.bench.core import best_time  # noqa: E402
 from perceiver_cli.device import keep_freed_memory  # noqa: E402
 from perceiver_cli.model import apply_rotary, rotary_tables  # noqa: E402
 
 
-def best_ms(function, repeats: int = 10) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+def best_ms(function) -> float:
+    return best_time(function, repeats=10) * 1e3
 
 
 def measure(length: int) -> str:
