@@ -134,18 +134,6 @@ int attention_use_amx(int on) {
     return use_amx;
 }
 
-/* 2^x for -126 <= x <= 8 to ~2e-4 relative (a cubic of the fraction; exp2_ps's sextic: ~2e-7): on AMX, where the
-   products no longer dominate, enough for probabilities that are rounded to bf16 before they are used */
-INLINE __m512 exp2_bf16_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-    __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(x, whole);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.632546462e-2f), f, _mm512_set1_ps(2.283082455e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.950361667e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, whole);
-}
-
 /* Whether the AMX products are on. */
 int attention_amx(void) { return use_amx; }
 
@@ -340,6 +328,63 @@ static void pack_head(Job *job, int bh) {
                     job->v_packed + bh * size);
 }
 
+/* Query row i's online softmax over one key block: its scores (scaled here on AMX, whose tiles leave them unscaled)
+   masked past the `visible` keys it sees, its running maximum and sum updated, its accumulator rescaled when the
+   maximum moves, and its probabilities written for the product with the values (bf16, or fp32 where f32). */
+INLINE void softmax_row(int i, long visible, int D, int f32, int amx, __m512 scale, float *scores, void *probs,
+                        float *acc, float *row_max, float *sum_lanes) {
+    float *s = scores + i * KEY_BLOCK;
+    if (visible < KEY_BLOCK) {
+        __mmask16 keep[4];
+        for (int c = 0; c < 4; c++) {
+            long n_keep = visible - 16 * c;
+            keep[c] = n_keep >= 16 ? 0xFFFF : n_keep <= 0 ? 0 : (__mmask16)((1u << n_keep) - 1);
+            _mm512_storeu_ps(s + 16 * c, _mm512_mask_blend_ps(keep[c], _mm512_set1_ps(-INFINITY),
+                                                              _mm512_loadu_ps(s + 16 * c)));
+        }
+    }
+    __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16), s2 = _mm512_loadu_ps(s + 32),
+           s3 = _mm512_loadu_ps(s + 48);
+    if (amx) /* the tiles leave the scores unscaled */
+        s0 = _mm512_mul_ps(s0, scale), s1 = _mm512_mul_ps(s1, scale), s2 = _mm512_mul_ps(s2, scale),
+        s3 = _mm512_mul_ps(s3, scale);
+    /* the running maximum moves only past MAX_SLACK (a -inf maximum moves at the first finite score) */
+    const __m512 lanes_max = _mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3));
+    float new_max = row_max[i];
+    if (_mm512_cmp_ps_mask(lanes_max, _mm512_set1_ps(row_max[i] + MAX_SLACK), _CMP_GT_OQ))
+        new_max = _mm512_reduce_max_ps(lanes_max);
+    __m512 m = _mm512_set1_ps(new_max);
+    __m512 p0, p1, p2, p3;
+    if (amx)
+        p0 = exp2_bf16_ps(_mm512_sub_ps(s0, m)), p1 = exp2_bf16_ps(_mm512_sub_ps(s1, m)),
+        p2 = exp2_bf16_ps(_mm512_sub_ps(s2, m)), p3 = exp2_bf16_ps(_mm512_sub_ps(s3, m));
+    else
+        p0 = exp2_ps(_mm512_sub_ps(s0, m)), p1 = exp2_ps(_mm512_sub_ps(s1, m)),
+        p2 = exp2_ps(_mm512_sub_ps(s2, m)), p3 = exp2_ps(_mm512_sub_ps(s3, m));
+    __m512 total;
+    if (f32) {
+        float *pf = (float *)probs + i * KEY_BLOCK;
+        _mm512_storeu_ps(pf, p0), _mm512_storeu_ps(pf + 16, p1);
+        _mm512_storeu_ps(pf + 32, p2), _mm512_storeu_ps(pf + 48, p3);
+        total = _mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3));
+    } else { /* sum the probabilities as rounded to bf16, the values the product with V uses */
+        __m512bh b01 = _mm512_cvtne2ps_pbh(p1, p0), b23 = _mm512_cvtne2ps_pbh(p3, p2);
+        _mm512_storeu_si512((bf16 *)probs + i * KEY_BLOCK, (__m512i)b01);
+        _mm512_storeu_si512((bf16 *)probs + i * KEY_BLOCK + 32, (__m512i)b23);
+        __m512 ones = (__m512)_mm512_set1_epi32(0x3F803F80); /* bf16 pairs (1, 1) */
+        total = _mm512_dpbf16_ps(_mm512_setzero_ps(), b01, (__m512bh)ones);
+        total = _mm512_dpbf16_ps(total, b23, (__m512bh)ones);
+    }
+    float correction = new_max == row_max[i] ? 1.0f : exp2f(row_max[i] - new_max); /* rare after a few blocks */
+    const __m512 lanes = _mm512_loadu_ps(sum_lanes + 16 * i); /* no horizontal sum per block */
+    _mm512_storeu_ps(sum_lanes + 16 * i, _mm512_fmadd_ps(lanes, _mm512_set1_ps(correction), total));
+    row_max[i] = new_max;
+    if (correction != 1.0f) {
+        __m512 c = _mm512_set1_ps(correction);
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + d), c));
+    }
+}
+
 /* one block of queries of one (batch, head) over every key it sees; `f32` (a constant where inlined): fp32
    tensors and FMA tiles, else bf16 and vdpbf16ps */
 INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores, void *probs, float *acc,
@@ -370,7 +415,6 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
     }
     for (long start = 0; start < key_end; start += KEY_BLOCK) {
         const long block = start / KEY_BLOCK;
-        if (amx) amx_score_tiles(groups, D, q_rows, kp + block * KEY_BLOCK * (D / 2), scores);
         for (int r = 0; r < count && !amx; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
             const long q_row = job->q_strides[2];
@@ -384,62 +428,27 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
             BY_ROWS(rows, SCORE_TILE)
 #undef SCORE_TILE
         }
-        for (int i = 0; i < count; i++) {
-            float *s = scores + i * KEY_BLOCK;
-            long visible = (job->causal ? first + i + offset + 1 : job->num_keys) - start; /* keys of this block */
-            if (visible < KEY_BLOCK) {
-                __mmask16 keep[4];
-                for (int c = 0; c < 4; c++) {
-                    long n_keep = visible - 16 * c;
-                    keep[c] = n_keep >= 16 ? 0xFFFF : n_keep <= 0 ? 0 : (__mmask16)((1u << n_keep) - 1);
-                    _mm512_storeu_ps(s + 16 * c, _mm512_mask_blend_ps(keep[c], _mm512_set1_ps(-INFINITY),
-                                                                      _mm512_loadu_ps(s + 16 * c)));
-                }
+        if (amx) {
+            /* group by group, each group's softmax issued behind the next group's score tiles: the vector units work
+               through one while the AMX unit works through the other, where a whole block's score tiles, then its
+               softmax, then its value tiles left each unit idle a third to a half of the time */
+            const uint32_t *kb = kp + block * KEY_BLOCK * (D / 2), *vb = vp + block * KEY_BLOCK * (D / 2);
+            amx_score_tiles(1, D, q_rows, kb, scores);
+            for (int g = 0; g < groups; g++) {
+                if (g + 1 < groups)
+                    amx_score_tiles(1, D, q_rows + (g + 1) * AMX_ROWS * D, kb, scores + (g + 1) * AMX_ROWS * KEY_BLOCK);
+                for (int i = g * AMX_ROWS; i < count && i < (g + 1) * AMX_ROWS; i++)
+                    softmax_row(i, (job->causal ? first + i + offset + 1 : job->num_keys) - start, D, 0, 1, scale,
+                                scores, probs, acc, row_max, sum_lanes);
+                amx_value_tiles(1, D, (const bf16 *)probs + g * AMX_ROWS * KEY_BLOCK, vb, acc + g * AMX_ROWS * D);
             }
-            __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16), s2 = _mm512_loadu_ps(s + 32),
-                   s3 = _mm512_loadu_ps(s + 48);
-            if (amx) /* the tiles leave the scores unscaled */
-                s0 = _mm512_mul_ps(s0, scale), s1 = _mm512_mul_ps(s1, scale), s2 = _mm512_mul_ps(s2, scale),
-                s3 = _mm512_mul_ps(s3, scale);
-            /* the running maximum moves only past MAX_SLACK (a -inf maximum moves at the first finite score) */
-            const __m512 lanes_max = _mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3));
-            float new_max = row_max[i];
-            if (_mm512_cmp_ps_mask(lanes_max, _mm512_set1_ps(row_max[i] + MAX_SLACK), _CMP_GT_OQ))
-                new_max = _mm512_reduce_max_ps(lanes_max);
-            __m512 m = _mm512_set1_ps(new_max);
-            __m512 p0, p1, p2, p3;
-            if (amx)
-                p0 = exp2_bf16_ps(_mm512_sub_ps(s0, m)), p1 = exp2_bf16_ps(_mm512_sub_ps(s1, m)),
-                p2 = exp2_bf16_ps(_mm512_sub_ps(s2, m)), p3 = exp2_bf16_ps(_mm512_sub_ps(s3, m));
-            else
-                p0 = exp2_ps(_mm512_sub_ps(s0, m)), p1 = exp2_ps(_mm512_sub_ps(s1, m)),
-                p2 = exp2_ps(_mm512_sub_ps(s2, m)), p3 = exp2_ps(_mm512_sub_ps(s3, m));
-            __m512 total;
-            if (f32) {
-                float *pf = (float *)probs + i * KEY_BLOCK;
-                _mm512_storeu_ps(pf, p0), _mm512_storeu_ps(pf + 16, p1);
-                _mm512_storeu_ps(pf + 32, p2), _mm512_storeu_ps(pf + 48, p3);
-                total = _mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3));
-            } else { /* sum the probabilities as rounded to bf16, the values the product with V uses */
-                __m512bh b01 = _mm512_cvtne2ps_pbh(p1, p0), b23 = _mm512_cvtne2ps_pbh(p3, p2);
-                _mm512_storeu_si512((bf16 *)probs + i * KEY_BLOCK, (__m512i)b01);
-                _mm512_storeu_si512((bf16 *)probs + i * KEY_BLOCK + 32, (__m512i)b23);
-                __m512 ones = (__m512)_mm512_set1_epi32(0x3F803F80); /* bf16 pairs (1, 1) */
-                total = _mm512_dpbf16_ps(_mm512_setzero_ps(), b01, (__m512bh)ones);
-                total = _mm512_dpbf16_ps(total, b23, (__m512bh)ones);
-            }
-            float correction = new_max == row_max[i] ? 1.0f : exp2f(row_max[i] - new_max); /* rare after a few blocks */
-            const __m512 lanes = _mm512_loadu_ps(sum_lanes + 16 * i); /* no horizontal sum per block */
-            _mm512_storeu_ps(sum_lanes + 16 * i, _mm512_fmadd_ps(lanes, _mm512_set1_ps(correction), total));
-            row_max[i] = new_max;
-            if (correction != 1.0f) {
-                __m512 c = _mm512_set1_ps(correction);
-                for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + d), c));
-            }
+            continue;
         }
+        for (int i = 0; i < count; i++)
+            softmax_row(i, (job->causal ? first + i + offset + 1 : job->num_keys) - start, D, f32, 0, scale, scores,
+                        probs, acc, row_max, sum_lanes);
         const uint32_t *vb = f32 ? NULL : vp + block * KEY_BLOCK * (D / 2);
         const float *vb32 = f32 ? vp32 + block * KEY_BLOCK * D : NULL;
-        if (amx) amx_value_tiles(groups, D, (const bf16 *)probs, vb, acc);
         for (int r = 0; r < count && !amx; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
             float *ar = acc + r * D;

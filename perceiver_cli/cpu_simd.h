@@ -33,6 +33,18 @@ INLINE __m512 exp2_ps(__m512 x) {
     return _mm512_scalef_ps(p, whole);
 }
 
+/* 2^x for -126 <= x <= 8 to ~2e-4 relative (a cubic of the fraction; exp2_ps's sextic: ~2e-7): enough for values
+   rounded to bf16 before they are used (the AMX attention's probabilities, cpu_linear.c's GELU) */
+INLINE __m512 exp2_bf16_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, whole);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.632546462e-2f), f, _mm512_set1_ps(2.283082455e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.950361667e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, whole);
+}
+
 /* AMX (Intel Sapphire Rapids and later): eight tile registers of up to 16 rows of 64 bytes. Both kernels configure
    all eight full size; the configuration is per thread, so each worker loads it before its tiles and releases
    it after. Linux hands a process AMX's 8 KB of tile state only on request: amx_request first. */

@@ -208,7 +208,11 @@ class StepLinear(nn.Module):
         self.prepack = weight.device.type == "cpu" and onednn_linear_available()
         self.weight = nn.Parameter(weight, requires_grad=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        out = self._linear(x)
+        return F.gelu(out) if activation == "gelu" else out  # model.Linear's interface (the MLP's up projection)
+
+    def _linear(self, x: Tensor) -> Tensor:
         if self.scale is not None:  # int8 outside the C step: exact, and slow (it widens every weight each call)
             return F.linear(x.float(), self.weight.float() * self.scale[:, None]).to(x.dtype)
         rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)

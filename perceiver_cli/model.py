@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_attention, cpu_loss
+from . import cpu_attention, cpu_linear, cpu_loss
 
 
 @dataclass
@@ -183,15 +183,30 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias whose bf16 inference on CPUs with AMX runs cpu_linear.py's kernel: the weight packed
+    once rather than cast on every call, the MLP's down projection at ~2.7 TFLOP/s where oneDNN's reached ~1.2,
+    and the MLP's GELU applied to the fp32 sums in the same pass (BENCHMARKS.md "Stop 34")."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        if cpu_linear.supports(x, self.weight):
+            return cpu_linear.linear(x, self.weight, activation)
+        y = super().forward(x)
+        return F.gelu(y) if activation == "gelu" else y
+
+
 class Attention(nn.Module):
     """Multi-head attention split into its stages so that cached decoding can reuse each one."""
 
     def __init__(self, config: PerceiverARConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.query = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.key_value = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.query = Linear(config.d_model, config.d_model)
+        self.key_value = Linear(config.d_model, 2 * config.d_model)
+        self.out = Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -333,12 +348,12 @@ class MLP(nn.Module):
     def __init__(self, config: PerceiverARConfig):
         super().__init__()
         hidden = int(config.d_model * config.mlp_ratio)
-        self.up = nn.Linear(config.d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, config.d_model, bias=False)
+        self.up = Linear(config.d_model, hidden)
+        self.down = Linear(hidden, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
+        return self.dropout(self.down(self.up(x, activation="gelu")))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -403,7 +418,7 @@ class PerceiverAR(nn.Module):
         self.cross_attention = CrossAttentionBlock(config)
         self.layers = nn.ModuleList(SelfAttentionBlock(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = Linear(config.d_model, config.vocab_size)
         if config.tie_embeddings:
             self.head.weight = self.embedding.weight
         self.apply(self._init_weights)

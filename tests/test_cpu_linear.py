@@ -1,0 +1,87 @@
+"""The AMX linear kernel (perceiver_cli/cpu_linear.c) against F.linear under bf16 autocast."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perceiver_cli import cpu_linear
+from perceiver_cli.bench.core import bench_config
+from perceiver_cli.model import PerceiverAR
+
+needs_kernel = pytest.mark.skipif(not cpu_linear.available(), reason="needs AMX, AVX512-BF16 and a C compiler")
+
+
+def autocast_reference(x, weight, activation=None):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.linear(x, weight)
+    return F.gelu(y.float()) if activation == "gelu" else y.float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows, in_features, out_features", [(1024, 2048, 512), (37, 64, 20), (1, 512, 388), (70, 96, 1100)]
+)
+def test_linear_matches_autocast(rows, in_features, out_features, input_dtype, activation):
+    torch.manual_seed(rows + out_features)
+    x = torch.randn(2, rows, in_features).to(input_dtype)
+    weight = torch.randn(out_features, in_features) / in_features**0.5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_linear.supports(x, weight)
+        y = cpu_linear.linear(x, weight, activation)
+    assert y.shape == (2, rows, out_features) and y.dtype == torch.bfloat16
+    # the same bf16 operands and fp32 sums in another order, one rounding of the result (GELU on the fp32 sums)
+    torch.testing.assert_close(y.float(), autocast_reference(x, weight, activation), atol=2e-2, rtol=1.6e-2)
+
+
+@needs_kernel
+def test_linear_takes_rows_with_a_stride():
+    x = torch.randn(40, 128)[:, :64]  # rows 128 apart
+    weight = torch.randn(48, 64) / 8
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cpu_linear.linear(x, weight)
+    torch.testing.assert_close(y.float(), autocast_reference(x, weight), atol=2e-2, rtol=1.6e-2)
+
+
+@needs_kernel
+def test_packed_weights_follow_the_weight():
+    x = torch.randn(64, 64)
+    weight = torch.nn.Parameter(torch.randn(32, 64) / 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = cpu_linear.linear(x, weight)
+        assert cpu_linear.packed_weight(weight) is cpu_linear.packed_weight(weight)  # packed once
+        weight.mul_(-2)  # an optimizer step changes it in place
+        after = cpu_linear.linear(x, weight)
+    torch.testing.assert_close(after.float(), autocast_reference(x, weight), atol=2e-2, rtol=1.6e-2)
+    torch.testing.assert_close(after.float(), -2 * before.float(), atol=4e-2, rtol=1.6e-2)
+
+
+@needs_kernel
+def test_supports_only_bf16_autocast_inference():
+    x, weight = torch.randn(4, 64), torch.nn.Parameter(torch.randn(32, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_linear.supports(x, weight)  # the weight needs a gradient: PyTorch's path trains
+        with torch.no_grad():
+            assert cpu_linear.supports(x, weight)
+            assert not cpu_linear.supports(torch.randn(4, 48), torch.randn(32, 48))  # K not a multiple of 32
+    with torch.no_grad():
+        assert not cpu_linear.supports(x, weight)  # fp32 inference stays fp32
+
+
+@needs_kernel
+def test_model_prefill_matches_pytorch_linear(monkeypatch):
+    torch.manual_seed(0)
+    config = bench_config(2048)
+    model = PerceiverAR(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (1, 2048))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model(tokens).float()
+        monkeypatch.setattr(cpu_linear, "supports", lambda *args: False)
+        theirs = model(tokens).float()
+    with torch.no_grad():
+        exact = model(tokens)
+    # both bf16 computations sit as close to the fp32 one as each other
+    ours_error, theirs_error = (ours - exact).abs().max(), (theirs - exact).abs().max()
+    assert ours_error < 1.5 * theirs_error + 1e-3
+    torch.testing.assert_close(ours, theirs, atol=3e-2, rtol=3e-2)
