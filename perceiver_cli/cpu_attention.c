@@ -343,21 +343,20 @@ INLINE void softmax_row(int i, long visible, int D, int f32, int amx, __m512 sca
                                                               _mm512_loadu_ps(s + 16 * c)));
         }
     }
-    __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16), s2 = _mm512_loadu_ps(s + 32),
-           s3 = _mm512_loadu_ps(s + 48);
-    if (amx) /* the tiles leave the scores unscaled */
-        s0 = _mm512_mul_ps(s0, scale), s1 = _mm512_mul_ps(s1, scale), s2 = _mm512_mul_ps(s2, scale),
-        s3 = _mm512_mul_ps(s3, scale);
-    /* the running maximum moves only past MAX_SLACK (a -inf maximum moves at the first finite score) */
+    const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16), s2 = _mm512_loadu_ps(s + 32),
+                 s3 = _mm512_loadu_ps(s + 48);
+    /* the running maximum moves only past MAX_SLACK (a -inf maximum moves at the first finite score); on AMX the
+       tiles leave the scores unscaled, so the maximum is found unscaled and scaled after (the scale is positive) */
     const __m512 lanes_max = _mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3));
     float new_max = row_max[i];
-    if (_mm512_cmp_ps_mask(lanes_max, _mm512_set1_ps(row_max[i] + MAX_SLACK), _CMP_GT_OQ))
-        new_max = _mm512_reduce_max_ps(lanes_max);
+    if (_mm512_cmp_ps_mask(amx ? _mm512_mul_ps(lanes_max, scale) : lanes_max, _mm512_set1_ps(row_max[i] + MAX_SLACK),
+                           _CMP_GT_OQ))
+        new_max = _mm512_reduce_max_ps(amx ? _mm512_mul_ps(lanes_max, scale) : lanes_max);
     __m512 m = _mm512_set1_ps(new_max);
     __m512 p0, p1, p2, p3;
-    if (amx)
-        p0 = exp2_bf16_ps(_mm512_sub_ps(s0, m)), p1 = exp2_bf16_ps(_mm512_sub_ps(s1, m)),
-        p2 = exp2_bf16_ps(_mm512_sub_ps(s2, m)), p3 = exp2_bf16_ps(_mm512_sub_ps(s3, m));
+    if (amx) /* scale and shift in one fmsub */
+        p0 = exp2_bf16_ps(_mm512_fmsub_ps(s0, scale, m)), p1 = exp2_bf16_ps(_mm512_fmsub_ps(s1, scale, m)),
+        p2 = exp2_bf16_ps(_mm512_fmsub_ps(s2, scale, m)), p3 = exp2_bf16_ps(_mm512_fmsub_ps(s3, scale, m));
     else
         p0 = exp2_ps(_mm512_sub_ps(s0, m)), p1 = exp2_ps(_mm512_sub_ps(s1, m)),
         p2 = exp2_ps(_mm512_sub_ps(s2, m)), p3 = exp2_ps(_mm512_sub_ps(s3, m));

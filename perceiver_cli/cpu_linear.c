@@ -6,10 +6,13 @@
    (BENCHMARKS.md "Stop 34"). Here the weights are packed once into tdpbf16ps's right-operand layout, the input
    is read in fp32 or bf16 (an fp32 input is rounded to bf16 block by block, as autocast would round it whole),
    the sums stay in fp32 tiles over the whole depth K, and the epilogue applies the activation (exact GELU) to
-   the fp32 sums before the one rounding to bf16.
+   the fp32 sums before the one rounding to bf16. Two more passes over memory fold in where the model has them:
+   the LayerNorm before a projection is applied to each row as it is read (no normed copy of the input), and the
+   residual add after the attention's output projection and the MLP's down projection is made on the fp32 sums
+   (the result is the fp32 residual stream itself, with no bf16 rounding of the projection in between).
 
-   Layout: x (M, K) with unit stride along K and `x_row_stride` elements between rows; W (N, K) likewise;
-   out (M, N) likewise. K a multiple of 32. Packed weights: for each block of 16 output columns c, K/2 rows of
+   Layout (struct Linear below): x (M, K) with unit stride along K and `x_row_stride` elements between rows; W
+   (N, K) likewise; out (M, N) and the residual likewise. K a multiple of 32. Packed weights: for each block of 16 output columns c, K/2 rows of
    16 column pairs, packed[(c * K/2 + k/2) * 32 + (n % 16) * 2 + k % 2] = W[16 c + n % 16][k], columns past N
    zero, N rounded up to 32.
 
@@ -92,114 +95,142 @@ INLINE __m512 gelu_bf16_ps(__m512 x) {
     return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), one_plus_erf);
 }
 
-/* rows [row0, row0 + rows) of x as bf16 rows of K in `buffer`, rows past `rows` zero */
-static void gather_rows(const void *x, int x_is_bf16, long x_row_stride, long row0, int rows, int K, bf16 *buffer) {
-    for (int r = 0; r < ROWS; r++) {
-        bf16 *to = buffer + (long)r * K;
-        if (r >= rows) {
-            memset(to, 0, (size_t)K * 2);
-            continue;
+/* One call's operands. x (M, K) fp32 or bf16 with unit stride along K; out (M, N) likewise; the optional parts
+   are NULL when unused. */
+typedef struct {
+    long M;
+    int N, K;
+    const void *x;
+    int x_is_bf16;
+    long x_row_stride;
+    const float *norm_weight, *norm_bias; /* a LayerNorm applied to each row of x as it is read */
+    float norm_eps;
+    const bf16 *packed; /* W, by linear_pack */
+    void *out;
+    int out_is_bf16;
+    long out_row_stride;
+    const float *residual; /* fp32 rows added to the result (the residual stream) */
+    long residual_row_stride;
+    int activation, threads;
+} Linear;
+
+/* x's row as bf16 in `to`, through the LayerNorm where there is one (fp32 statistics, two passes as PyTorch's) */
+static void gather_row(const Linear *job, long row, bf16 *to) {
+    const int K = job->K, is_bf16 = job->x_is_bf16;
+    const char *from = (const char *)job->x + row * job->x_row_stride * (is_bf16 ? 2 : 4);
+    if (!job->norm_weight && is_bf16) {
+        memcpy(to, from, (size_t)K * 2);
+        return;
+    }
+    __m512 shift = _mm512_setzero_ps(), scale = _mm512_set1_ps(1.0f);
+    if (job->norm_weight) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) sum = _mm512_add_ps(sum, load_widened(from + k * (is_bf16 ? 2 : 4), is_bf16, 0xFFFF));
+        shift = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / K);
+        __m512 squares = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __m512 centred = _mm512_sub_ps(load_widened(from + k * (is_bf16 ? 2 : 4), is_bf16, 0xFFFF), shift);
+            squares = _mm512_fmadd_ps(centred, centred, squares);
         }
-        const char *from = (const char *)x + (row0 + r) * x_row_stride * (x_is_bf16 ? 2 : 4);
-        if (x_is_bf16) {
-            memcpy(to, from, (size_t)K * 2);
-            continue;
+        scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / K + job->norm_eps));
+    }
+    for (int k = 0; k < K; k += 32) {
+        __m512 low = load_widened(from + k * (is_bf16 ? 2 : 4), is_bf16, 0xFFFF);
+        __m512 high = load_widened(from + (k + 16) * (is_bf16 ? 2 : 4), is_bf16, 0xFFFF);
+        if (job->norm_weight) {
+            low = _mm512_mul_ps(_mm512_sub_ps(low, shift), scale);
+            high = _mm512_mul_ps(_mm512_sub_ps(high, shift), scale);
+            low = _mm512_fmadd_ps(low, _mm512_loadu_ps(job->norm_weight + k), _mm512_loadu_ps(job->norm_bias + k));
+            high = _mm512_fmadd_ps(high, _mm512_loadu_ps(job->norm_weight + k + 16),
+                                   _mm512_loadu_ps(job->norm_bias + k + 16));
         }
-        for (int k = 0; k < K; k += 32) {
-            const __m512 low = _mm512_loadu_ps(from + 4L * k), high = _mm512_loadu_ps(from + 4L * (k + 16));
-            _mm512_storeu_si512(to + k, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-        }
+        _mm512_storeu_si512(to + k, (__m512i)_mm512_cvtne2ps_pbh(high, low));
     }
 }
 
-/* the 32 x 32 fp32 block `sums` (rows 128 bytes apart) through the activation into out */
-static void finish_block(const float *sums, int rows, int columns, int activation, void *out, int out_is_bf16,
-                         long out_row_stride, long row0, long column0) {
+/* the 32 x 32 fp32 block `sums` (rows 128 bytes apart) of output rows row0.. and columns column0.. through the
+   activation and the residual into out */
+static void finish_block(const Linear *job, const float *sums, int rows, int columns, long row0, long column0) {
     for (int r = 0; r < rows; r++) {
         __m512 low = _mm512_load_ps(sums + r * COLUMNS), high = _mm512_load_ps(sums + r * COLUMNS + 16);
-        if (activation == GELU) low = gelu_bf16_ps(low), high = gelu_bf16_ps(high);
-        const long at = (row0 + r) * out_row_stride + column0;
-        if (out_is_bf16 && columns == COLUMNS) {  /* one 64-byte store */
-            _mm512_storeu_si512((bf16 *)out + at, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-        } else if (out_is_bf16) {
-            _mm256_mask_storeu_epi16((bf16 *)out + at, tail_mask(columns), (__m256i)_mm512_cvtneps_pbh(low));
-            if (columns > 16)
-                _mm256_mask_storeu_epi16((bf16 *)out + at + 16, tail_mask(columns - 16),
-                                         (__m256i)_mm512_cvtneps_pbh(high));
+        if (job->activation == GELU) low = gelu_bf16_ps(low), high = gelu_bf16_ps(high);
+        const __mmask16 low_mask = tail_mask(columns), high_mask = columns > 16 ? tail_mask(columns - 16) : 0;
+        if (job->residual) {
+            const float *residual = job->residual + (row0 + r) * job->residual_row_stride + column0;
+            low = _mm512_add_ps(low, _mm512_maskz_loadu_ps(low_mask, residual));
+            high = _mm512_add_ps(high, _mm512_maskz_loadu_ps(high_mask, residual + 16));
+        }
+        const long at = (row0 + r) * job->out_row_stride + column0;
+        if (job->out_is_bf16 && columns == COLUMNS) { /* one 64-byte store */
+            _mm512_storeu_si512((bf16 *)job->out + at, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+        } else if (job->out_is_bf16) {
+            _mm256_mask_storeu_epi16((bf16 *)job->out + at, low_mask, (__m256i)_mm512_cvtneps_pbh(low));
+            _mm256_mask_storeu_epi16((bf16 *)job->out + at + 16, high_mask, (__m256i)_mm512_cvtneps_pbh(high));
         } else {
-            _mm512_mask_storeu_ps((float *)out + at, tail_mask(columns), low);
-            if (columns > 16) _mm512_mask_storeu_ps((float *)out + at + 16, tail_mask(columns - 16), high);
+            _mm512_mask_storeu_ps((float *)job->out + at, low_mask, low);
+            _mm512_mask_storeu_ps((float *)job->out + at + 16, high_mask, high);
         }
     }
 }
 
-/* out = activation(x W^T) for x (M, K) fp32 or bf16 and W packed by linear_pack; out fp32 or bf16. Returns 0, 1
-   where K is not a multiple of 32, 2 where a buffer could not be allocated. */
-AMX_TARGET int linear_forward(long M, int N, int K, const void *x, int x_is_bf16, long x_row_stride,
-                              const bf16 *packed, void *out, int out_is_bf16, long out_row_stride, int activation,
-                              int threads) {
+/* out = activation(norm(x) W^T) + residual (see Linear). Returns 0, 1 where K is not a multiple of 32, 2 where a
+   buffer could not be allocated. */
+int linear_forward(const Linear *job) {
+    const long M = job->M;
+    const int N = job->N, K = job->K;
     if (K % 32) return 1;
     const long padded = padded_columns(N);
     /* the fewest groups of at most GROUP_BYTES of packed weights, equal to a block, so that threads get equal work */
     const long most = GROUP_BYTES / (2L * K) / COLUMNS * COLUMNS;
     const long groups = most < COLUMNS ? padded / COLUMNS : (padded + most - 1) / most;
     const long group = (padded / COLUMNS + groups - 1) / groups * COLUMNS;
-    const long row_blocks = (M + ROWS - 1) / ROWS;
-    const long items = row_blocks * groups;
+    const long row_blocks = (M + ROWS - 1) / ROWS, items = row_blocks * groups;
+    /* rows of x straight into the tiles where they are bf16 and need no norm; else gathered 32 at a time */
+    const int direct = job->x_is_bf16 && !job->norm_weight;
     int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads(job->threads) reduction(| : failed)
     {
         const int thread = omp_get_thread_num(), count = omp_get_num_threads();
         bf16 *buffer = aligned_alloc(64, (size_t)ROWS * K * 2);
-        float sums[2][ROWS * COLUMNS] __attribute__((aligned(64)));
+        float sums[ROWS * COLUMNS] __attribute__((aligned(64)));
         if (!buffer) failed = 1;
         const long first = items * thread / count, last = items * (thread + 1) / count;
         if (buffer) amx_begin();
         for (long item = first; buffer && item < last; item++) {
-            const long g = item / row_blocks, row0 = (item % row_blocks) * ROWS;  /* one group's rows in a run */
+            const long g = item / row_blocks, row0 = (item % row_blocks) * ROWS; /* one group's rows in a run */
             const int rows = M - row0 < ROWS ? (int)(M - row0) : ROWS;
-            const bf16 *left;
-            long left_stride;  /* bytes between rows of the left operand */
-            if (x_is_bf16 && rows == ROWS) {
-                left = (const bf16 *)x + row0 * x_row_stride, left_stride = 2 * x_row_stride;
+            const bf16 *left = buffer;
+            long left_stride = 2L * K; /* bytes between rows of the left operand */
+            if (direct && rows == ROWS) {
+                left = (const bf16 *)job->x + row0 * job->x_row_stride, left_stride = 2 * job->x_row_stride;
             } else {
-                gather_rows(x, x_is_bf16, x_row_stride, row0, rows, K, buffer);
-                left = buffer, left_stride = 2L * K;
+                for (int r = 0; r < ROWS; r++)
+                    if (r < rows) gather_row(job, row0 + r, buffer + (long)r * K);
+                    else memset(buffer + (long)r * K, 0, (size_t)K * 2); /* whole tiles: zeros past the last row */
             }
             const long column_end = (g + 1) * group < padded ? (g + 1) * group : padded;
-            /* each block's epilogue runs after the next block's products are issued: the vector loads then do not
-               wait on the tile stores just made, and the AMX unit works through the products meanwhile */
-            long pending = -1;
-            for (long column0 = g * group; column0 <= column_end; column0 += COLUMNS) {
-                float *stored = sums[(column0 / COLUMNS) & 1];
-                if (column0 < column_end) {
-                    const bf16 *right0 = packed + column0 * K, *right1 = right0 + 16L * K;
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int k = 0; k < K; k += 32) {
-                        _tile_loadd(4, left + k, left_stride);
-                        _tile_loadd(5, (const char *)(left + k) + 16 * left_stride, left_stride);
-                        _tile_loadd(6, right0 + 16L * k, 64);
-                        _tile_loadd(7, right1 + 16L * k, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                    _tile_stored(0, stored, 4 * COLUMNS);
-                    _tile_stored(1, stored + 16, 4 * COLUMNS);
-                    _tile_stored(2, stored + 16 * COLUMNS, 4 * COLUMNS);
-                    _tile_stored(3, stored + 16 * COLUMNS + 16, 4 * COLUMNS);
+            for (long column0 = g * group; column0 < column_end; column0 += COLUMNS) {
+                const bf16 *right0 = job->packed + column0 * K, *right1 = right0 + 16L * K;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int k = 0; k < K; k += 32) {
+                    _tile_loadd(4, left + k, left_stride);
+                    _tile_loadd(5, (const char *)(left + k) + 16 * left_stride, left_stride);
+                    _tile_loadd(6, right0 + 16L * k, 64);
+                    _tile_loadd(7, right1 + 16L * k, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
                 }
-                if (pending >= 0) {
-                    const int columns = N - pending < COLUMNS ? (int)(N - pending) : COLUMNS;
-                    if (columns > 0)
-                        finish_block(sums[(pending / COLUMNS) & 1], rows, columns, activation, out, out_is_bf16,
-                                     out_row_stride, row0, pending);
-                }
-                pending = column0;
+                _tile_stored(0, sums, 4 * COLUMNS);
+                _tile_stored(1, sums + 16, 4 * COLUMNS);
+                _tile_stored(2, sums + 16 * COLUMNS, 4 * COLUMNS);
+                _tile_stored(3, sums + 16 * COLUMNS + 16, 4 * COLUMNS);
+                const int columns = N - column0 < COLUMNS ? (int)(N - column0) : COLUMNS;
+                if (columns > 0) finish_block(job, sums, rows, columns, row0, column0);
             }
         }
         if (buffer) amx_end();

@@ -15,12 +15,36 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .cpu_kernels import AVX512, FLAGS, load
 
 SOURCE = Path(__file__).with_name("cpu_linear.c")
 ACTIVATIONS = {None: 0, "gelu": 1}
+
+
+class _Linear(ctypes.Structure):
+    """cpu_linear.c's struct Linear: one call's operands."""
+
+    _fields_ = [
+        ("M", ctypes.c_long),
+        ("N", ctypes.c_int),
+        ("K", ctypes.c_int),
+        ("x", ctypes.c_void_p),
+        ("x_is_bf16", ctypes.c_int),
+        ("x_row_stride", ctypes.c_long),
+        ("norm_weight", ctypes.c_void_p),
+        ("norm_bias", ctypes.c_void_p),
+        ("norm_eps", ctypes.c_float),
+        ("packed", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("out_is_bf16", ctypes.c_int),
+        ("out_row_stride", ctypes.c_long),
+        ("residual", ctypes.c_void_p),
+        ("residual_row_stride", ctypes.c_long),
+        ("activation", ctypes.c_int),
+        ("threads", ctypes.c_int),
+    ]
 
 
 @cache
@@ -39,10 +63,7 @@ def _kernel():
         ctypes.c_int,
     ]
     pack.restype = ctypes.c_int
-    forward = library.linear_forward
-    forward.argtypes = [ctypes.c_long] + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
-    forward.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_long] + [ctypes.c_int] * 2
-    forward.restype = ctypes.c_int
+    library.linear_forward.argtypes, library.linear_forward.restype = [ctypes.POINTER(_Linear)], ctypes.c_int
     return library
 
 
@@ -95,18 +116,47 @@ def packed_weight(weight: Tensor) -> Tensor:
     return cached[1]
 
 
-def linear(x: Tensor, weight: Tensor, activation: str | None = None) -> Tensor:
-    """activation(x @ weight.T) in bf16, as F.linear under bf16 autocast computes it (see `supports`)."""
+def supports_norm(norm: nn.Module) -> bool:
+    """Whether `linear` can apply this LayerNorm to its input rows: affine, fp32, over the last dimension."""
+    return (
+        isinstance(norm, nn.LayerNorm)
+        and len(norm.normalized_shape) == 1
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.weight.dtype == norm.bias.dtype == torch.float32
+    )
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    activation: str | None = None,
+    norm: nn.LayerNorm | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """activation(norm(x) @ weight.T) (+ residual), as F.linear under bf16 autocast computes it (see `supports`):
+    bf16, or fp32 where a residual (fp32, the output's shape) is added to the fp32 sums. `norm` (see
+    `supports_norm`) is applied to each row of x as the kernel reads it."""
     out_features, in_features = weight.shape
     rows = x.reshape(-1, in_features)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    status = _kernel().linear_forward(
-        rows.shape[0], out_features, in_features, rows.data_ptr(), int(rows.dtype == torch.bfloat16),
-        rows.stride(0), packed_weight(weight).data_ptr(), out.data_ptr(), 1, out.stride(0), ACTIVATIONS[activation],
-        torch.get_num_threads(),
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16 if residual is None else torch.float32)
+    job = _Linear(
+        M=rows.shape[0], N=out_features, K=in_features, x=rows.data_ptr(), x_is_bf16=int(rows.dtype == torch.bfloat16),
+        x_row_stride=rows.stride(0), packed=packed_weight(weight).data_ptr(), out=out.data_ptr(),
+        out_is_bf16=int(residual is None), out_row_stride=out.stride(0), activation=ACTIVATIONS[activation],
+        threads=torch.get_num_threads(),
     )  # fmt: skip
+    if norm is not None:
+        norm_weight, norm_bias = norm.weight.detach().contiguous(), norm.bias.detach().contiguous()
+        job.norm_weight, job.norm_bias, job.norm_eps = norm_weight.data_ptr(), norm_bias.data_ptr(), norm.eps
+    if residual is not None:
+        residual_rows = residual.detach().float().reshape(-1, out_features)
+        if residual_rows.stride(-1) != 1:
+            residual_rows = residual_rows.contiguous()
+        job.residual, job.residual_row_stride = residual_rows.data_ptr(), residual_rows.stride(0)
+    status = _kernel().linear_forward(ctypes.byref(job))
     if status:
         raise RuntimeError(f"cpu_linear kernel failed with status {status}")
     return out.view(*x.shape[:-1], out_features)

@@ -37,12 +37,12 @@ INLINE __m512 exp2_ps(__m512 x) {
    rounded to bf16 before they are used (the AMX attention's probabilities, cpu_linear.c's GELU) */
 INLINE __m512 exp2_bf16_ps(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-    __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(x, whole);
+    /* the fraction x - floor(x) in one vreduceps; vscalefps multiplies by 2^floor(x) of x itself */
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.632546462e-2f), f, _mm512_set1_ps(2.283082455e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.950361667e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, whole);
+    return _mm512_scalef_ps(p, x);
 }
 
 /* AMX (Intel Sapphire Rapids and later): eight tile registers of up to 16 rows of 64 bytes. Both kernels configure

@@ -208,9 +208,17 @@ class StepLinear(nn.Module):
         self.prepack = weight.device.type == "cpu" and onednn_linear_available()
         self.weight = nn.Parameter(weight, requires_grad=False)
 
-    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
-        out = self._linear(x)
-        return F.gelu(out) if activation == "gelu" else out  # model.Linear's interface (the MLP's up projection)
+    def forward(
+        self,
+        x: Tensor,
+        activation: str | None = None,
+        norm: nn.Module | None = None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
+        """model.Linear's interface: activation(norm(x) W^T) + residual."""
+        out = self._linear(x if norm is None else norm(x))
+        out = F.gelu(out) if activation == "gelu" else out
+        return out if residual is None else residual + out
 
     def _linear(self, x: Tensor) -> Tensor:
         if self.scale is not None:  # int8 outside the C step: exact, and slow (it widens every weight each call)

@@ -184,18 +184,47 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias whose bf16 inference on CPUs with AMX runs cpu_linear.py's kernel: the weight packed
-    once rather than cast on every call, the MLP's down projection at ~2.7 TFLOP/s where oneDNN's reached ~1.2,
-    and the MLP's GELU applied to the fp32 sums in the same pass (BENCHMARKS.md "Stop 34")."""
+    """nn.Linear without bias, with the LayerNorm before it, the GELU after it and the residual add after that as
+    optional parts of the call: activation(norm(x) W^T) + residual.
+
+    Why the parts: bf16 inference on CPUs with AMX runs all of them in one pass of cpu_linear.py's kernel, over
+    the weight packed once rather than cast on every call (BENCHMARKS.md "Stop 34"): the norm applied to each row
+    as it is read, the GELU and the add on the fp32 sums. Everywhere else they are PyTorch's ops in that order.
+    """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
-        if cpu_linear.supports(x, self.weight):
-            return cpu_linear.linear(x, self.weight, activation)
-        y = super().forward(x)
-        return F.gelu(y) if activation == "gelu" else y
+    def forward(
+        self,
+        x: Tensor,
+        activation: str | None = None,
+        norm: nn.LayerNorm | None = None,
+        residual: Tensor | None = None,
+    ) -> Tensor:
+        if norm_inside(self, x, norm) or (norm is None and cpu_linear.supports(x, self.weight)):
+            return cpu_linear.linear(x, self.weight, activation, norm, residual)
+        y = super().forward(x if norm is None else norm(x))
+        y = F.gelu(y) if activation == "gelu" else y
+        return y if residual is None else residual + y
+
+
+def norm_inside(linear: nn.Module, x: Tensor, norm: nn.LayerNorm | None) -> bool:
+    """Whether `linear` applies `norm` to x's rows inside its kernel, where two projections of one normed input
+    then each take the raw input (elsewhere one normed copy serves both)."""
+    return (
+        norm is not None
+        and isinstance(linear, Linear)
+        and cpu_linear.supports(x, linear.weight)
+        and cpu_linear.supports_norm(norm)
+    )
+
+
+def residual_add(residual: Tensor, dropout: nn.Dropout, project: nn.Module, x: Tensor) -> Tensor:
+    """residual + dropout(project(x)), the add made inside the projection where the dropout does nothing."""
+    if dropout.p == 0 or not dropout.training:
+        return project(x, residual=residual)
+    return residual + dropout(project(x))
 
 
 class Attention(nn.Module):
@@ -213,20 +242,23 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
 
-    def project_query(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return rotate_projection(self._heads(self.query(x)), *rope)  # (B, H, n, Dh)
+    def project_query(self, x: Tensor, rope: tuple[Tensor, Tensor], norm: nn.LayerNorm | None = None) -> Tensor:
+        return rotate_projection(self._heads(self.query(x, norm=norm)), *rope)  # (B, H, n, Dh)
 
-    def project_key_value(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        key, value = self.key_value(x).chunk(2, dim=-1)
+    def project_key_value(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], norm: nn.LayerNorm | None = None
+    ) -> tuple[Tensor, Tensor]:
+        key, value = self.key_value(x, norm=norm).chunk(2, dim=-1)
         return rotate_projection(self._heads(key), *rope), self._heads(value)  # (B, H, T, Dh) each
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """The heads' outputs (B, H, n, Dh), before the output projection (`self.out` over `merge_heads`)."""
         dropout = self.dropout if self.training else 0.0
-        return self.merge_heads(causal_attention(query, key, value, dropout))
+        return causal_attention(query, key, value, dropout)
 
     def merge_heads(self, mixed: Tensor) -> Tensor:
         batch, _, n, _ = mixed.shape  # (B, H, n, Dh)
-        return self.out(mixed.transpose(1, 2).reshape(batch, n, -1))  # (B, n, D)
+        return mixed.transpose(1, 2).reshape(batch, n, -1)  # (B, n, D)
 
 
 # Long inputs in training. The ordinary path keeps, for every input position, its embedding, its normed copy,
@@ -352,8 +384,12 @@ class MLP(nn.Module):
         self.down = Linear(hidden, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(self.up(x, activation="gelu")))
+    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None, residual: Tensor | None = None) -> Tensor:
+        """dropout(down(gelu(up(norm(x))))) (+ residual)"""
+        hidden = self.up(x, activation="gelu", norm=norm)
+        if residual is None:
+            return self.dropout(self.down(hidden))
+        return residual_add(residual, self.dropout, self.down, hidden)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -369,17 +405,18 @@ class CrossAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def input_key_value(self, inputs: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.attention.project_key_value(self.norm_inputs(inputs), rope)
+        return self.attention.project_key_value(inputs, rope, norm=self.norm_inputs)
 
     def query(self, latents: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return self.attention.project_query(self.norm_query(latents), rope)  # (B, H, n, Dh)
+        return self.attention.project_query(latents, rope, norm=self.norm_query)  # (B, H, n, Dh)
 
     def attend(self, latents: Tensor, key: Tensor, value: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         return self.finish(latents, self.attention.attend(self.query(latents, rope), key, value))
 
-    def finish(self, latents: Tensor, attended: Tensor) -> Tensor:
-        hidden = latents + self.dropout(attended)  # (B, n, D)
-        return hidden + self.mlp(self.norm_mlp(hidden))
+    def finish(self, latents: Tensor, mixed: Tensor) -> Tensor:
+        """latents + the heads' outputs `mixed` (B, H, n, Dh) projected, then + the MLP of that: (B, n, D)."""
+        hidden = residual_add(latents, self.dropout, self.attention.out, self.attention.merge_heads(mixed))
+        return self.mlp(hidden, norm=self.norm_mlp, residual=hidden)
 
 
 class SelfAttentionBlock(nn.Module):
@@ -394,12 +431,17 @@ class SelfAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def query_key_value(self, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        normed = self.norm(hidden)
-        return (self.attention.project_query(normed, rope), *self.attention.project_key_value(normed, rope))
+        if norm_inside(self.attention.query, hidden, self.norm):  # each projection norms the rows it reads
+            x, norm = hidden, self.norm
+        else:
+            x, norm = self.norm(hidden), None
+        query = self.attention.project_query(x, rope, norm)
+        return (query, *self.attention.project_key_value(x, rope, norm))
 
     def finish(self, hidden: Tensor, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        hidden = hidden + self.dropout(self.attention.attend(query, key, value))
-        return hidden + self.mlp(self.norm_mlp(hidden))
+        mixed = self.attention.merge_heads(self.attention.attend(query, key, value))
+        hidden = residual_add(hidden, self.dropout, self.attention.out, mixed)
+        return self.mlp(hidden, norm=self.norm_mlp, residual=hidden)
 
     def forward(self, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         return self.finish(hidden, *self.query_key_value(hidden, rope))
@@ -449,7 +491,7 @@ class PerceiverAR(nn.Module):
     def latent_stack(self, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         for layer in self.layers:
             hidden = layer(hidden, rope)
-        return self.head(self.final_norm(hidden))  # (B, n, V)
+        return self.head(hidden, norm=self.final_norm)  # (B, n, V)
 
     def forward(self, tokens: Tensor, num_latents: int | None = None, position_offset: int = 0) -> Tensor:
         """Logits (B, n, V) for the last n = min(T, num_latents) positions of tokens (B, T).
@@ -488,7 +530,7 @@ class PerceiverAR(nn.Module):
                 (*parameters, block.attention.key_value.weight),
                 self.prefix_chunk,
             )
-            hidden = block.finish(latents, block.attention.merge_heads(mixed))
+            hidden = block.finish(latents, mixed)
             return self.latent_stack(hidden, latent_rope)
 
         inputs = self.embedding_dropout(self.embedding(tokens))  # (B, T, D)

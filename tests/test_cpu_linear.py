@@ -85,3 +85,35 @@ def test_model_prefill_matches_pytorch_linear(monkeypatch):
     ours_error, theirs_error = (ours - exact).abs().max(), (theirs - exact).abs().max()
     assert ours_error < 1.5 * theirs_error + 1e-3
     torch.testing.assert_close(ours, theirs, atol=3e-2, rtol=3e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_linear_applies_the_norm_and_adds_the_residual(input_dtype):
+    torch.manual_seed(3)
+    norm = torch.nn.LayerNorm(96)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(3, 45, 96) * 4 + 2).to(input_dtype)  # a mean and spread the norm must remove
+    weight = torch.randn(70, 96) / 10
+    residual = torch.randn(3, 45, 70)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        normed_only = cpu_linear.linear(x, weight, norm=norm)
+        both = cpu_linear.linear(x, weight, "gelu", norm=norm, residual=residual)
+        expected = autocast_reference(norm(x.float()), weight)
+    assert normed_only.dtype == torch.bfloat16 and both.dtype == torch.float32  # the residual stream stays fp32
+    torch.testing.assert_close(normed_only.float(), expected, atol=2e-2, rtol=1.6e-2)
+    torch.testing.assert_close(both, residual + F.gelu(expected), atol=2e-2, rtol=1.6e-2)
+
+
+def test_model_linear_parts_match_their_pytorch_ops():
+    """model.Linear's optional norm, GELU and residual (PyTorch's path: fp32, or with a gradient)."""
+    from perceiver_cli.model import Linear
+
+    torch.manual_seed(4)
+    layer, norm = Linear(32, 24), torch.nn.LayerNorm(32)
+    x, residual = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 5, 24)
+    y = layer(x, activation="gelu", norm=norm, residual=residual)
+    torch.testing.assert_close(y, residual + F.gelu(F.linear(norm(x), layer.weight)))
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
