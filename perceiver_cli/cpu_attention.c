@@ -480,6 +480,7 @@ static void run_items(Job *job, int D) {
     float *sum_lanes = aligned_alloc(64, sizeof(float) * AMX_QUERY_BLOCK * 16);
     float row_max[AMX_QUERY_BLOCK], row_sum[AMX_QUERY_BLOCK];
     memset(probs, 0, sizeof(float) * AMX_QUERY_BLOCK * KEY_BLOCK); /* AMX reads whole tiles: no uninitialised rows */
+    const unsigned csr = amx ? flush_denormals_begin() : 0; /* exp2_bf16_ps's denormals */
     if (amx) amx_begin();
     for (int item = take(job); item < job->items; item = take(job)) {
         switch (D + job->f32) { /* one specialisation per supported head size and precision */
@@ -493,7 +494,7 @@ static void run_items(Job *job, int D) {
         default: run_item(job, item, 128, 1, 0, scores, probs, acc, row_max, row_sum, q_rows, sum_lanes); break;
         }
     }
-    if (amx) amx_end();
+    if (amx) amx_end(), flush_denormals_end(csr);
     free(scores), free(probs), free(acc), free(q_rows), free(sum_lanes);
 }
 
@@ -737,6 +738,7 @@ static void backward_worker(Backward *job, int D) {
     w.ds_pairs = aligned_alloc(64, sizeof(uint32_t) * AMX_QUERY_TILE / 2 * KEY_BLOCK);
     float *dq_partial = job->dq_partial + (long)omp_get_thread_num() * job->batch * job->heads * job->dq_rows * D;
     const int items = job->key_blocks * job->batch * job->heads, amx = job->amx;
+    const unsigned csr = amx ? flush_denormals_begin() : 0; /* exp2_bf16_ps's denormals */
     if (amx) amx_begin();
     for (int item = take_backward(job); item < items; item = take_backward(job)) {
         switch (D) {
@@ -746,7 +748,7 @@ static void backward_worker(Backward *job, int D) {
         default: backward_item(job, item, 128, amx, &w, dq_partial); break;
         }
     }
-    if (amx) amx_end();
+    if (amx) amx_end(), flush_denormals_end(csr);
     free(w.scores), free(w.dprobs), free(w.dk), free(w.dv), free(w.ds_rows), free(w.p_pairs), free(w.ds_pairs);
 }
 

@@ -103,6 +103,7 @@ typedef struct {
     const void *x;
     int x_is_bf16;
     long x_row_stride;
+    const int64_t *rows; /* input row r is x's row rows[r] (an embedding lookup), or NULL: row r */
     const float *norm_weight, *norm_bias; /* a LayerNorm applied to each row of x as it is read */
     float norm_eps;
     const bf16 *packed; /* W, by linear_pack */
@@ -117,6 +118,7 @@ typedef struct {
 /* x's row as bf16 in `to`, through the LayerNorm where there is one (fp32 statistics, two passes as PyTorch's) */
 static void gather_row(const Linear *job, long row, bf16 *to) {
     const int K = job->K, is_bf16 = job->x_is_bf16;
+    if (job->rows) row = job->rows[row];
     const char *from = (const char *)job->x + row * job->x_row_stride * (is_bf16 ? 2 : 4);
     if (!job->norm_weight && is_bf16) {
         memcpy(to, from, (size_t)K * 2);
@@ -186,7 +188,7 @@ int linear_forward(const Linear *job) {
     const long group = (padded / COLUMNS + groups - 1) / groups * COLUMNS;
     const long row_blocks = (M + ROWS - 1) / ROWS, items = row_blocks * groups;
     /* rows of x straight into the tiles where they are bf16 and need no norm; else gathered 32 at a time */
-    const int direct = job->x_is_bf16 && !job->norm_weight;
+    const int direct = job->x_is_bf16 && !job->norm_weight && !job->rows;
     int failed = 0;
 #pragma omp parallel num_threads(job->threads) reduction(| : failed)
     {
@@ -195,6 +197,7 @@ int linear_forward(const Linear *job) {
         float sums[ROWS * COLUMNS] __attribute__((aligned(64)));
         if (!buffer) failed = 1;
         const long first = items * thread / count, last = items * (thread + 1) / count;
+        const unsigned csr = flush_denormals_begin(); /* exp2_bf16_ps's denormals (GELU of x < -13) */
         if (buffer) amx_begin();
         for (long item = first; buffer && item < last; item++) {
             const long g = item / row_blocks, row0 = (item % row_blocks) * ROWS; /* one group's rows in a run */
@@ -234,6 +237,7 @@ int linear_forward(const Linear *job) {
             }
         }
         if (buffer) amx_end();
+        flush_denormals_end(csr);
         free(buffer);
     }
     return failed ? 2 : 0;

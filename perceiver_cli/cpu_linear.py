@@ -33,6 +33,7 @@ class _Linear(ctypes.Structure):
         ("x", ctypes.c_void_p),
         ("x_is_bf16", ctypes.c_int),
         ("x_row_stride", ctypes.c_long),
+        ("rows", ctypes.c_void_p),
         ("norm_weight", ctypes.c_void_p),
         ("norm_bias", ctypes.c_void_p),
         ("norm_eps", ctypes.c_float),
@@ -133,20 +134,29 @@ def linear(
     activation: str | None = None,
     norm: nn.LayerNorm | None = None,
     residual: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """activation(norm(x) @ weight.T) (+ residual), as F.linear under bf16 autocast computes it (see `supports`):
     bf16, or fp32 where a residual (fp32, the output's shape) is added to the fp32 sums. `norm` (see
-    `supports_norm`) is applied to each row of x as the kernel reads it."""
+    `supports_norm`) is applied to each row of x as the kernel reads it. With `rows` (any shape, integer), x is
+    a table (V, K) and the input is x[rows] (F.embedding's), read from the table row by row."""
     out_features, in_features = weight.shape
-    rows = x.reshape(-1, in_features)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16 if residual is None else torch.float32)
+    lead = x.shape[:-1] if rows is None else rows.shape
+    table = x.reshape(-1, in_features)
+    if table.stride(-1) != 1:
+        table = table.contiguous()
+    count = table.shape[0]
+    if rows is not None:
+        rows = rows.reshape(-1).to(torch.int64).contiguous()
+        count = rows.shape[0]
+        if count and not (0 <= int(rows.min()) and int(rows.max()) < table.shape[0]):
+            raise IndexError(f"a row index is outside [0, {table.shape[0]})")
+    out = torch.empty(count, out_features, dtype=torch.bfloat16 if residual is None else torch.float32)
     job = _Linear(
-        M=rows.shape[0], N=out_features, K=in_features, x=rows.data_ptr(), x_is_bf16=int(rows.dtype == torch.bfloat16),
-        x_row_stride=rows.stride(0), packed=packed_weight(weight).data_ptr(), out=out.data_ptr(),
-        out_is_bf16=int(residual is None), out_row_stride=out.stride(0), activation=ACTIVATIONS[activation],
-        threads=torch.get_num_threads(),
+        M=count, N=out_features, K=in_features, x=table.data_ptr(), x_is_bf16=int(table.dtype == torch.bfloat16),
+        x_row_stride=table.stride(0), rows=None if rows is None else rows.data_ptr(),
+        packed=packed_weight(weight).data_ptr(), out=out.data_ptr(), out_is_bf16=int(residual is None),
+        out_row_stride=out.stride(0), activation=ACTIVATIONS[activation], threads=torch.get_num_threads(),
     )  # fmt: skip
     if norm is not None:
         norm_weight, norm_bias = norm.weight.detach().contiguous(), norm.bias.detach().contiguous()
@@ -159,4 +169,4 @@ def linear(
     status = _kernel().linear_forward(ctypes.byref(job))
     if status:
         raise RuntimeError(f"cpu_linear kernel failed with status {status}")
-    return out.view(*x.shape[:-1], out_features)
+    return out.view(*lead, out_features)

@@ -33,10 +33,11 @@ INLINE __m512 exp2_ps(__m512 x) {
     return _mm512_scalef_ps(p, whole);
 }
 
-/* 2^x for -126 <= x <= 8 to ~2e-4 relative (a cubic of the fraction; exp2_ps's sextic: ~2e-7): enough for values
-   rounded to bf16 before they are used (the AMX attention's probabilities, cpu_linear.c's GELU) */
+/* 2^x for x <= 8 to ~2e-4 relative (a cubic of the fraction; exp2_ps's sextic: ~2e-7): enough for values rounded
+   to bf16 before they are used (the AMX attention's probabilities, cpu_linear.c's GELU). No clamp: -inf gives 0
+   (vreduceps's fraction of -inf is 0, vscalefps by 2^-inf is 0), and below -126 the result is a denormal, which the
+   callers flush to zero (flush_denormals_begin) rather than pay the CPU's microcode assist for each. */
 INLINE __m512 exp2_bf16_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
     /* the fraction x - floor(x) in one vreduceps; vscalefps multiplies by 2^floor(x) of x itself */
     const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.632546462e-2f), f, _mm512_set1_ps(2.283082455e-1f));
@@ -44,6 +45,16 @@ INLINE __m512 exp2_bf16_ps(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, x);
 }
+
+/* MXCSR's flush-to-zero and denormals-are-zero on for the calling thread, for the rest of a kernel's work; returns
+   the previous MXCSR, which flush_denormals_end restores (the threads are PyTorch's too) */
+static inline unsigned flush_denormals_begin(void) {
+    const unsigned previous = _mm_getcsr();
+    _mm_setcsr(previous | 0x8040);
+    return previous;
+}
+
+static inline void flush_denormals_end(unsigned previous) { _mm_setcsr(previous); }
 
 /* AMX (Intel Sapphire Rapids and later): eight tile registers of up to 16 rows of 64 bytes. Both kernels configure
    all eight full size; the configuration is per thread, so each worker loads it before its tiles and releases

@@ -214,8 +214,10 @@ class StepLinear(nn.Module):
         activation: str | None = None,
         norm: nn.Module | None = None,
         residual: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        """model.Linear's interface: activation(norm(x) W^T) + residual."""
+        """model.Linear's interface: activation(norm(x[rows] or x) W^T) + residual."""
+        x = x if rows is None else F.embedding(rows, x)
         out = self._linear(x if norm is None else norm(x))
         out = F.gelu(out) if activation == "gelu" else out
         return out if residual is None else residual + out

@@ -185,7 +185,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
 
 class Linear(nn.Linear):
     """nn.Linear without bias, with the LayerNorm before it, the GELU after it and the residual add after that as
-    optional parts of the call: activation(norm(x) W^T) + residual.
+    optional parts of the call: activation(norm(x) W^T) + residual, where x may also be a table (an embedding)
+    and `rows` the indices of the rows to read from it.
 
     Why the parts: bf16 inference on CPUs with AMX runs all of them in one pass of cpu_linear.py's kernel, over
     the weight packed once rather than cast on every call (BENCHMARKS.md "Stop 34"): the norm applied to each row
@@ -201,9 +202,11 @@ class Linear(nn.Linear):
         activation: str | None = None,
         norm: nn.LayerNorm | None = None,
         residual: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         if norm_inside(self, x, norm) or (norm is None and cpu_linear.supports(x, self.weight)):
-            return cpu_linear.linear(x, self.weight, activation, norm, residual)
+            return cpu_linear.linear(x, self.weight, activation, norm, residual, rows)
+        x = x if rows is None else F.embedding(rows, x)
         y = super().forward(x if norm is None else norm(x))
         y = F.gelu(y) if activation == "gelu" else y
         return y if residual is None else residual + y
@@ -246,9 +249,9 @@ class Attention(nn.Module):
         return rotate_projection(self._heads(self.query(x, norm=norm)), *rope)  # (B, H, n, Dh)
 
     def project_key_value(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], norm: nn.LayerNorm | None = None
+        self, x: Tensor, rope: tuple[Tensor, Tensor], norm: nn.LayerNorm | None = None, rows: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        key, value = self.key_value(x, norm=norm).chunk(2, dim=-1)
+        key, value = self.key_value(x, norm=norm, rows=rows).chunk(2, dim=-1)
         return rotate_projection(self._heads(key), *rope), self._heads(value)  # (B, H, T, Dh) each
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
@@ -404,8 +407,11 @@ class CrossAttentionBlock(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def input_key_value(self, inputs: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.attention.project_key_value(inputs, rope, norm=self.norm_inputs)
+    def input_key_value(
+        self, inputs: Tensor, rope: tuple[Tensor, Tensor], rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, T, Dh) of inputs (B, T, D), or of the rows `rows` (B, T) of a table inputs (V, D)."""
+        return self.attention.project_key_value(inputs, rope, norm=self.norm_inputs, rows=rows)
 
     def query(self, latents: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         return self.attention.project_query(latents, rope, norm=self.norm_query)  # (B, H, n, Dh)
@@ -533,6 +539,13 @@ class PerceiverAR(nn.Module):
             hidden = block.finish(latents, mixed)
             return self.latent_stack(hidden, latent_rope)
 
+        if not self.training:
+            # The key/value projection reads each position's embedding row from the table itself: with cpu_linear's
+            # kernel no (B, T, D) copy of the embeddings is made (a 16k prefill wrote and read 32 MB for it).
+            latents = self.embedding(tokens[:, num_prefix:])  # (B, n, D)
+            table = self.embedding.weight
+            key, value = self.cross_attention.input_key_value(table, self.rope(positions), rows=tokens)
+            return self.latent_stack(self.cross_attention.attend(latents, key, value, latent_rope), latent_rope)
         inputs = self.embedding_dropout(self.embedding(tokens))  # (B, T, D)
         latents = inputs[:, num_prefix:]  # (B, n, D): latents start as their own positions' embeddings
         if kept is not None:

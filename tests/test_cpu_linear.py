@@ -117,3 +117,17 @@ def test_model_linear_parts_match_their_pytorch_ops():
     torch.testing.assert_close(y, residual + F.gelu(F.linear(norm(x), layer.weight)))
     y.sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
+
+
+@needs_kernel
+def test_linear_reads_rows_of_a_table():
+    torch.manual_seed(5)
+    table, weight, norm = torch.randn(50, 64), torch.randn(40, 64) / 8, torch.nn.LayerNorm(64)
+    rows = torch.randint(0, 50, (2, 33))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cpu_linear.linear(table, weight, norm=norm, rows=rows)
+        expected = autocast_reference(norm(F.embedding(rows, table)), weight)
+        assert y.shape == (2, 33, 40)
+        torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=1.6e-2)
+        with pytest.raises(IndexError, match="outside"):
+            cpu_linear.linear(table, weight, rows=torch.tensor([3, 50]))
