@@ -9,7 +9,8 @@
    the fp32 sums before the one rounding to bf16. Two more passes over memory fold in where the model has them:
    the LayerNorm before a projection is applied to each row as it is read (no normed copy of the input), and the
    residual add after the attention's output projection and the MLP's down projection is made on the fp32 sums
-   (the result is the fp32 residual stream itself, with no bf16 rounding of the projection in between).
+   (the result is the fp32 residual stream itself, with no bf16 rounding of the projection in between); and the
+   rotary position of the query and key projections is applied to the fp32 sums (the heads' first 32 columns).
 
    Layout (struct Linear below): x (M, K) with unit stride along K and `x_row_stride` elements between rows; W
    (N, K) likewise; out (M, N) and the residual likewise. K a multiple of 32. Packed weights: for each block of 16 output columns c, K/2 rows of
@@ -112,6 +113,12 @@ typedef struct {
     long out_row_stride;
     const float *residual; /* fp32 rows added to the result (the residual stream) */
     long residual_row_stride;
+    /* rotary position (model.apply_rotary) on the output's first rotary_columns: each head of head_dim columns
+       rotates its first 32 in half-split pairs (j, j + 16) by the angles of output row r's position, whose cos and
+       sin are row r % rotary_rows of the fp32 tables (rotary_rows x 16); head_dim a multiple of 32 */
+    const float *rotary_cos, *rotary_sin;
+    long rotary_rows, rotary_columns;
+    int head_dim;
     int activation, threads;
 } Linear;
 
@@ -156,6 +163,15 @@ static void finish_block(const Linear *job, const float *sums, int rows, int col
     for (int r = 0; r < rows; r++) {
         __m512 low = _mm512_load_ps(sums + r * COLUMNS), high = _mm512_load_ps(sums + r * COLUMNS + 16);
         if (job->activation == GELU) low = gelu_bf16_ps(low), high = gelu_bf16_ps(high);
+        if (job->rotary_cos && column0 < job->rotary_columns && column0 % job->head_dim == 0) {
+            /* a head's first 32 columns: low holds x1, high x2 of the rotated pairs */
+            const long position = (row0 + r) % job->rotary_rows;
+            const __m512 c = _mm512_loadu_ps(job->rotary_cos + position * 16);
+            const __m512 s = _mm512_loadu_ps(job->rotary_sin + position * 16);
+            const __m512 x1 = low;
+            low = _mm512_fmsub_ps(x1, c, _mm512_mul_ps(high, s));
+            high = _mm512_fmadd_ps(high, c, _mm512_mul_ps(x1, s));
+        }
         const __mmask16 low_mask = tail_mask(columns), high_mask = columns > 16 ? tail_mask(columns - 16) : 0;
         if (job->residual) {
             const float *residual = job->residual + (row0 + r) * job->residual_row_stride + column0;

@@ -43,6 +43,11 @@ class _Linear(ctypes.Structure):
         ("out_row_stride", ctypes.c_long),
         ("residual", ctypes.c_void_p),
         ("residual_row_stride", ctypes.c_long),
+        ("rotary_cos", ctypes.c_void_p),
+        ("rotary_sin", ctypes.c_void_p),
+        ("rotary_rows", ctypes.c_long),
+        ("rotary_columns", ctypes.c_long),
+        ("head_dim", ctypes.c_int),
         ("activation", ctypes.c_int),
         ("threads", ctypes.c_int),
     ]
@@ -128,6 +133,13 @@ def supports_norm(norm: nn.Module) -> bool:
     )
 
 
+def supports_rotary(rope: tuple[Tensor, Tensor], head_dim: int) -> bool:
+    """Whether `linear` can apply these rotary tables (cos, sin), each (1|B, T, R/2), in its epilogue: R = 32
+    rotated dimensions per head (the rotated pairs then lie in one 32-column block), head_dim a multiple of 32."""
+    cos, sin = rope
+    return cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == 16 and head_dim % 32 == 0
+
+
 def linear(
     x: Tensor,
     weight: Tensor,
@@ -135,11 +147,16 @@ def linear(
     norm: nn.LayerNorm | None = None,
     residual: Tensor | None = None,
     rows: Tensor | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
+    rotary_columns: int = 0,
+    head_dim: int = 0,
 ) -> Tensor:
     """activation(norm(x) @ weight.T) (+ residual), as F.linear under bf16 autocast computes it (see `supports`):
     bf16, or fp32 where a residual (fp32, the output's shape) is added to the fp32 sums. `norm` (see
     `supports_norm`) is applied to each row of x as the kernel reads it. With `rows` (any shape, integer), x is
-    a table (V, K) and the input is x[rows] (F.embedding's), read from the table row by row."""
+    a table (V, K) and the input is x[rows] (F.embedding's), read from the table row by row. With `rope` (see
+    `supports_rotary`), the first `rotary_columns` of the output are heads of `head_dim` columns rotated as
+    model.apply_rotary rotates them, output row r (of B x T) at the position of the tables' row r % their rows."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1] if rows is None else rows.shape
     table = x.reshape(-1, in_features)
@@ -166,6 +183,10 @@ def linear(
         if residual_rows.stride(-1) != 1:
             residual_rows = residual_rows.contiguous()
         job.residual, job.residual_row_stride = residual_rows.data_ptr(), residual_rows.stride(0)
+    if rope is not None:
+        cos, sin = (table.detach().to(torch.float32).reshape(-1, 16).contiguous() for table in rope)
+        job.rotary_cos, job.rotary_sin, job.rotary_rows = cos.data_ptr(), sin.data_ptr(), cos.shape[0]
+        job.rotary_columns, job.head_dim = rotary_columns, head_dim
     status = _kernel().linear_forward(ctypes.byref(job))
     if status:
         raise RuntimeError(f"cpu_linear kernel failed with status {status}")

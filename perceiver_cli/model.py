@@ -203,9 +203,16 @@ class Linear(nn.Linear):
         norm: nn.LayerNorm | None = None,
         residual: Tensor | None = None,
         rows: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+        rotary_columns: int = 0,
+        head_dim: int = 0,
     ) -> Tensor:
         if norm_inside(self, x, norm) or (norm is None and cpu_linear.supports(x, self.weight)):
-            return cpu_linear.linear(x, self.weight, activation, norm, residual, rows)
+            return cpu_linear.linear(
+                x, self.weight, activation, norm, residual, rows, rope, rotary_columns, head_dim
+            )
+        if rope is not None:  # Attention passes rope only where rotary_inside said the kernel takes it
+            raise ValueError("rotary inside Linear needs cpu_linear's kernel (see rotary_inside)")
         x = x if rows is None else F.embedding(rows, x)
         y = super().forward(x if norm is None else norm(x))
         y = F.gelu(y) if activation == "gelu" else y
@@ -221,6 +228,16 @@ def norm_inside(linear: nn.Module, x: Tensor, norm: nn.LayerNorm | None) -> bool
         and cpu_linear.supports(x, linear.weight)
         and cpu_linear.supports_norm(norm)
     )
+
+
+def rotary_inside(
+    linear: nn.Module, x: Tensor, norm: nn.LayerNorm | None, rope: tuple[Tensor, Tensor], head_dim: int
+) -> bool:
+    """Whether `linear`'s kernel rotates its output heads itself (on the fp32 sums, in the pass that writes them)
+    instead of rotate_projection's pass over the projection after it."""
+    if not (isinstance(linear, Linear) and cpu_linear.supports(x, linear.weight)):
+        return False
+    return (norm is None or cpu_linear.supports_norm(norm)) and cpu_linear.supports_rotary(rope, head_dim)
 
 
 def residual_add(residual: Tensor, dropout: nn.Dropout, project: nn.Module, x: Tensor) -> Tensor:
@@ -246,11 +263,21 @@ class Attention(nn.Module):
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
 
     def project_query(self, x: Tensor, rope: tuple[Tensor, Tensor], norm: nn.LayerNorm | None = None) -> Tensor:
+        if rotary_inside(self.query, x, norm, rope, self.head_dim):
+            rotated = self.query.out_features  # every column: the query heads
+            return self._heads(self.query(x, norm=norm, rope=rope, rotary_columns=rotated, head_dim=self.head_dim))
         return rotate_projection(self._heads(self.query(x, norm=norm)), *rope)  # (B, H, n, Dh)
 
     def project_key_value(
         self, x: Tensor, rope: tuple[Tensor, Tensor], norm: nn.LayerNorm | None = None, rows: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        if rotary_inside(self.key_value, x, norm, rope, self.head_dim):
+            rotated = self.query.out_features  # the first half: the key heads
+            both = self.key_value(
+                x, norm=norm, rows=rows, rope=rope, rotary_columns=rotated, head_dim=self.head_dim
+            )
+            key, value = both.chunk(2, dim=-1)
+            return self._heads(key), self._heads(value)
         key, value = self.key_value(x, norm=norm, rows=rows).chunk(2, dim=-1)
         return rotate_projection(self._heads(key), *rope), self._heads(value)  # (B, H, T, Dh) each
 

@@ -131,3 +131,24 @@ def test_linear_reads_rows_of_a_table():
         torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=1.6e-2)
         with pytest.raises(IndexError, match="outside"):
             cpu_linear.linear(table, weight, rows=torch.tensor([3, 50]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("table_batch", [1, 2])
+def test_linear_rotates_the_heads_it_writes(table_batch):
+    from perceiver_cli.model import apply_rotary, rotary_tables
+
+    torch.manual_seed(6)
+    batch, length, heads, head_dim = 2, 37, 3, 64
+    x, weight = torch.randn(batch, length, 96), torch.randn(2 * heads * head_dim, 96) / 10
+    positions = torch.arange(length)[None] + 5 + 100 * torch.arange(table_batch)[:, None]  # (1|B, T)
+    cos, sin = rotary_tables(positions, 32, 10_000.0, torch.float32)
+    rotated = heads * head_dim  # the first half, as the key/value projection's keys
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_linear.supports_rotary((cos, sin), head_dim)
+        y = cpu_linear.linear(x, weight, rope=(cos, sin), rotary_columns=rotated, head_dim=head_dim)
+    plain = autocast_reference(x, weight)  # (B, T, 2 H Dh)
+    keys = plain[..., :rotated].view(batch, length, heads, head_dim).transpose(1, 2)
+    expected_keys = apply_rotary(keys, cos, sin).transpose(1, 2).reshape(batch, length, rotated)
+    torch.testing.assert_close(y[..., :rotated].float(), expected_keys, atol=3e-2, rtol=1.6e-2)
+    torch.testing.assert_close(y[..., rotated:].float(), plain[..., rotated:], atol=2e-2, rtol=1.6e-2)
