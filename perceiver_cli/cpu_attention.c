@@ -37,6 +37,7 @@ typedef uint16_t bf16;
 #define MAX_SLACK 8.0f      /* a row's running maximum moves only when a score exceeds it by this much (log2 units):
                                probabilities then reach 2^8 at most, harmless in fp32 sums, and most key blocks
                                need no horizontal maximum and no rescaling */
+#define AMX_KEYS 128        /* keys per softmax step of the AMX forward: two packed blocks */
 #define AMX_QUERY_TILE 64   /* queries per tile of a backward item on AMX: four tiles of 16 rows, two 32-query
                                steps of the products over keys */
 #define ACCUMULATORS 24 /* zmm registers kept as accumulators (of 32) */
@@ -154,48 +155,59 @@ int attention_amx(void) { return use_amx; }
         op(3, (at) + 48, stride);                                                                                    \
     } while (0)
 
-/* scores[16 g + r][0:KEY_BLOCK] = q[16 g + r] . k_packed (no scale) for `groups` groups of 16 query rows of q
-   (rows of D bf16, contiguous) */
+/* scores[r][0:KEY_BLOCK] = q[r] . k_packed (no scale) for 16 query rows of q (rows of D bf16, contiguous), rows of
+   scores `row` floats apart */
+AMX_TARGET static void amx_score_group(int D, const bf16 *q, const uint32_t *k_packed, float *scores, long row) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int step = 0; step < D / 32; step++) { /* 32 of the D dimensions: 16 pairs */
+        const uint32_t *kp = k_packed + (long)step * 16 * KEY_BLOCK;
+        _tile_loadd(4, q + 32 * step, 2 * D);
+        AMX_TWO_PRODUCTS(0, 1, kp, 4 * KEY_BLOCK);
+        AMX_TWO_PRODUCTS(2, 3, kp + 32, 4 * KEY_BLOCK);
+    }
+    AMX_MOVE_FOUR(_tile_stored, scores, 4 * row);
+}
+
+/* the same for `groups` groups of 16 rows, scores rows of KEY_BLOCK */
 AMX_TARGET static void amx_score_tiles(int groups, int D, const bf16 *q, const uint32_t *k_packed, float *scores) {
-    for (int g = 0; g < groups; g++) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int step = 0; step < D / 32; step++) { /* 32 of the D dimensions: 16 pairs */
-            const uint32_t *kp = k_packed + (long)step * 16 * KEY_BLOCK;
-            _tile_loadd(4, q + (long)g * AMX_ROWS * D + 32 * step, 2 * D);
-            AMX_TWO_PRODUCTS(0, 1, kp, 4 * KEY_BLOCK);
-            AMX_TWO_PRODUCTS(2, 3, kp + 32, 4 * KEY_BLOCK);
+    for (int g = 0; g < groups; g++)
+        amx_score_group(D, q + (long)g * AMX_ROWS * D, k_packed, scores + (long)g * AMX_ROWS * KEY_BLOCK, KEY_BLOCK);
+}
+
+/* acc[r][0:D] += probs[r] . v_packed for 16 rows over `blocks` consecutive key blocks (probs: rows of `row` bf16,
+   block b's keys at columns 64 b..), 64 columns of acc (four tiles) at a time, or the last 32 where D is 32 or 96:
+   the accumulator's tiles are loaded and stored once for all the blocks */
+AMX_TARGET static void amx_value_group(int blocks, int D, const bf16 *probs, long row, const uint32_t *v_packed,
+                                       float *acc) {
+    for (int c = 0; c < D / 16; c += 4) {
+        float *a = acc + 16 * c;
+        const int four = D / 16 - c >= 4;
+        if (four) AMX_MOVE_FOUR(_tile_loadd, a, 4 * D);
+        else {
+            _tile_loadd(0, a, 4 * D);
+            _tile_loadd(1, a + 16, 4 * D);
         }
-        AMX_MOVE_FOUR(_tile_stored, scores + (long)g * AMX_ROWS * KEY_BLOCK, 4 * KEY_BLOCK);
+        for (int step = 0; step < blocks * KEY_BLOCK / 32; step++) { /* 32 keys: 16 pairs */
+            const uint32_t *vp = v_packed + (long)step * 16 * D + 16 * c;
+            _tile_loadd(4, probs + 32 * step, 2 * row);
+            AMX_TWO_PRODUCTS(0, 1, vp, 4 * D);
+            if (four) AMX_TWO_PRODUCTS(2, 3, vp + 32, 4 * D);
+        }
+        if (four) AMX_MOVE_FOUR(_tile_stored, a, 4 * D);
+        else {
+            _tile_stored(0, a, 4 * D);
+            _tile_stored(1, a + 16, 4 * D);
+        }
     }
 }
 
-/* acc[16 g + r][0:D] += probs[16 g + r] . v_packed for `groups` groups of 16 rows (probs: rows of KEY_BLOCK
-   bf16), 64 columns of acc (four tiles) at a time, or the last 32 where D is 32 or 96 */
+/* the same over one block for `groups` groups of 16 rows, probs rows of KEY_BLOCK: the backward pass's dQ */
 AMX_TARGET static void amx_value_tiles(int groups, int D, const bf16 *probs, const uint32_t *v_packed, float *acc) {
     for (int g = 0; g < groups; g++)
-        for (int c = 0; c < D / 16; c += 4) {
-            float *a = acc + (long)g * AMX_ROWS * D + 16 * c;
-            const int four = D / 16 - c >= 4;
-            if (four) AMX_MOVE_FOUR(_tile_loadd, a, 4 * D);
-            else {
-                _tile_loadd(0, a, 4 * D);
-                _tile_loadd(1, a + 16, 4 * D);
-            }
-            for (int step = 0; step < KEY_BLOCK / 32; step++) { /* 32 keys: 16 pairs */
-                const uint32_t *vp = v_packed + (long)step * 16 * D + 16 * c;
-                _tile_loadd(4, probs + (long)g * AMX_ROWS * KEY_BLOCK + 32 * step, 2 * KEY_BLOCK);
-                AMX_TWO_PRODUCTS(0, 1, vp, 4 * D);
-                if (four) AMX_TWO_PRODUCTS(2, 3, vp + 32, 4 * D);
-            }
-            if (four) AMX_MOVE_FOUR(_tile_stored, a, 4 * D);
-            else {
-                _tile_stored(0, a, 4 * D);
-                _tile_stored(1, a + 16, 4 * D);
-            }
-        }
+        amx_value_group(1, D, probs + (long)g * AMX_ROWS * KEY_BLOCK, KEY_BLOCK, v_packed, acc + (long)g * AMX_ROWS * D);
 }
 
 /* acc_t[d][0:KEY_BLOCK] += x_t[d][q0:q0 + 64] . pairs for every d < D, pairs holding 32 pairs of query rows
@@ -384,6 +396,44 @@ INLINE void softmax_row(int i, long visible, int D, int f32, int amx, __m512 sca
     }
 }
 
+/* Query row i's online softmax over AMX_KEYS keys (two packed blocks) on AMX: its unscaled scores `s` masked past
+   the `visible` keys it sees, the running maximum and sum updated (the accumulator row rescaled when the maximum
+   moves), the probabilities written to p in bf16. One maximum check and one sum update per 128 keys, where
+   softmax_row's 64 took two. */
+INLINE void amx_softmax_row(long visible, __m512 scale, const float *s, bf16 *p, float *row_max, float *sum_lanes,
+                            float *acc_row, int D) {
+    __m512 x[AMX_KEYS / 16];
+    for (int c = 0; c < AMX_KEYS / 16; c++) {
+        x[c] = _mm512_loadu_ps(s + 16 * c);
+        if (visible < AMX_KEYS) {
+            const long keep = visible - 16 * c;
+            x[c] = _mm512_mask_blend_ps(keep <= 0 ? 0 : tail_mask(keep), _mm512_set1_ps(-INFINITY), x[c]);
+        }
+    }
+    __m512 lanes_max = x[0];
+    for (int c = 1; c < AMX_KEYS / 16; c++) lanes_max = _mm512_max_ps(lanes_max, x[c]);
+    lanes_max = _mm512_mul_ps(lanes_max, scale); /* the scale is positive: the maximum of the scaled scores */
+    float new_max = *row_max;
+    if (_mm512_cmp_ps_mask(lanes_max, _mm512_set1_ps(*row_max + MAX_SLACK), _CMP_GT_OQ)) /* see softmax_row */
+        new_max = _mm512_reduce_max_ps(lanes_max);
+    const __m512 m = _mm512_set1_ps(new_max), ones = (__m512)_mm512_set1_epi32(0x3F803F80); /* bf16 pairs (1, 1) */
+    __m512 total = _mm512_setzero_ps(); /* the probabilities as rounded to bf16, the values the product uses */
+    for (int c = 0; c < AMX_KEYS / 16; c += 2) {
+        const __m512 p0 = exp2_bf16_ps(_mm512_fmsub_ps(x[c], scale, m));
+        const __m512 p1 = exp2_bf16_ps(_mm512_fmsub_ps(x[c + 1], scale, m));
+        const __m512bh pair = _mm512_cvtne2ps_pbh(p1, p0);
+        _mm512_storeu_si512(p + 16 * c, (__m512i)pair);
+        total = _mm512_dpbf16_ps(total, pair, (__m512bh)ones);
+    }
+    const float correction = new_max == *row_max ? 1.0f : exp2f(*row_max - new_max);
+    _mm512_storeu_ps(sum_lanes, _mm512_fmadd_ps(_mm512_loadu_ps(sum_lanes), _mm512_set1_ps(correction), total));
+    *row_max = new_max;
+    if (correction != 1.0f) {
+        const __m512 c = _mm512_set1_ps(correction);
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(acc_row + d, _mm512_mul_ps(_mm512_loadu_ps(acc_row + d), c));
+    }
+}
+
 /* one block of queries of one (batch, head) over every key it sees; `f32` (a constant where inlined): fp32
    tensors and FMA tiles, else bf16 and vdpbf16ps */
 INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores, void *probs, float *acc,
@@ -412,9 +462,33 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
             if (i < count) memcpy(q_rows + i * D, q + i * job->q_strides[2], sizeof(bf16) * D);
             else memset(q_rows + i * D, 0, sizeof(bf16) * D);
     }
-    for (long start = 0; start < key_end; start += KEY_BLOCK) {
+    for (long start = 0; start < key_end && amx; start += AMX_KEYS) {
+        /* group by group, each group's softmax issued behind the next group's score tiles: the vector units work
+           through one while the AMX unit works through the other, where a whole block's score tiles, then its
+           softmax, then its value tiles left each unit idle a third to a half of the time */
+        const long block = start / KEY_BLOCK, block_words = (long)KEY_BLOCK * (D / 2);
+        const int blocks = key_end - start > KEY_BLOCK ? 2 : 1; /* the second block, where the item sees its keys */
+        bf16 *group_probs = (bf16 *)probs;
+        for (int g = -1; g < groups; g++) {
+            if (g + 1 < groups) /* the next group's scores, into the other of two slots */
+                for (int b = 0; b < blocks; b++)
+                    amx_score_group(D, q_rows + (long)(g + 1) * AMX_ROWS * D, kp + (block + b) * block_words,
+                                    scores + ((g + 1) & 1) * AMX_ROWS * AMX_KEYS + b * KEY_BLOCK, AMX_KEYS);
+            if (g < 0) continue;
+            const float *group_scores = scores + (g & 1) * AMX_ROWS * AMX_KEYS;
+            for (int r = 0; r < AMX_ROWS && g * AMX_ROWS + r < count; r++) {
+                const int i = g * AMX_ROWS + r;
+                long visible = (job->causal ? first + i + offset + 1 : job->num_keys) - start;
+                if (visible > blocks * KEY_BLOCK) visible = blocks * KEY_BLOCK; /* no second block: masked */
+                amx_softmax_row(visible, scale, group_scores + r * AMX_KEYS, group_probs + r * AMX_KEYS, row_max + i,
+                                sum_lanes + 16 * i, acc + (long)i * D, D);
+            }
+            amx_value_group(blocks, D, group_probs, AMX_KEYS, vp + block * block_words, acc + (long)g * AMX_ROWS * D);
+        }
+    }
+    for (long start = 0; start < key_end && !amx; start += KEY_BLOCK) {
         const long block = start / KEY_BLOCK;
-        for (int r = 0; r < count && !amx; r += rows_per_tile) {
+        for (int r = 0; r < count; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
             const long q_row = job->q_strides[2];
             float *sr = scores + r * KEY_BLOCK;
@@ -427,28 +501,12 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
             BY_ROWS(rows, SCORE_TILE)
 #undef SCORE_TILE
         }
-        if (amx) {
-            /* group by group, each group's softmax issued behind the next group's score tiles: the vector units work
-               through one while the AMX unit works through the other, where a whole block's score tiles, then its
-               softmax, then its value tiles left each unit idle a third to a half of the time */
-            const uint32_t *kb = kp + block * KEY_BLOCK * (D / 2), *vb = vp + block * KEY_BLOCK * (D / 2);
-            amx_score_tiles(1, D, q_rows, kb, scores);
-            for (int g = 0; g < groups; g++) {
-                if (g + 1 < groups)
-                    amx_score_tiles(1, D, q_rows + (g + 1) * AMX_ROWS * D, kb, scores + (g + 1) * AMX_ROWS * KEY_BLOCK);
-                for (int i = g * AMX_ROWS; i < count && i < (g + 1) * AMX_ROWS; i++)
-                    softmax_row(i, (job->causal ? first + i + offset + 1 : job->num_keys) - start, D, 0, 1, scale,
-                                scores, probs, acc, row_max, sum_lanes);
-                amx_value_tiles(1, D, (const bf16 *)probs + g * AMX_ROWS * KEY_BLOCK, vb, acc + g * AMX_ROWS * D);
-            }
-            continue;
-        }
         for (int i = 0; i < count; i++)
             softmax_row(i, (job->causal ? first + i + offset + 1 : job->num_keys) - start, D, f32, 0, scale, scores,
                         probs, acc, row_max, sum_lanes);
         const uint32_t *vb = f32 ? NULL : vp + block * KEY_BLOCK * (D / 2);
         const float *vb32 = f32 ? vp32 + block * KEY_BLOCK * D : NULL;
-        for (int r = 0; r < count && !amx; r += rows_per_tile) {
+        for (int r = 0; r < count; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
             float *ar = acc + r * D;
 #define VALUE_TILE(R)                                                                                                \
