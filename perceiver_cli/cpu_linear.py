@@ -111,15 +111,16 @@ def pack(weight: Tensor) -> Tensor:
     return packed
 
 
-def packed_weight(weight: Tensor) -> Tensor:
+def packed_weight(weight: Tensor | tuple[Tensor, ...]) -> Tensor:
     """pack(weight), kept on the weight itself and made again after any in-place change (an optimizer step) or
-    when the storage is swapped (load_state_dict)."""
-    key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    cached = getattr(weight, "_perceiver_packed", None)
-    if cached is None or cached[0] != key:
-        cached = (key, pack(weight))
-        weight._perceiver_packed = cached
-    return cached[1]
+    when the storage is swapped (load_state_dict). A tuple of weights (N_i, K) packs their rows one after another,
+    one product's columns for all of them (kept on the first)."""
+    parts = weight if isinstance(weight, tuple) else (weight,)
+    key = tuple((part.data_ptr(), part._version, part.dtype, tuple(part.shape)) for part in parts)
+    kept = parts[0].__dict__.setdefault("_perceiver_packed", {})  # by how many weights it heads
+    if kept.get(len(parts), (None,))[0] != key:
+        kept[len(parts)] = (key, pack(torch.cat([part.detach() for part in parts]) if len(parts) > 1 else parts[0]))
+    return kept[len(parts)][1]
 
 
 def supports_norm(norm: nn.Module) -> bool:
@@ -142,7 +143,7 @@ def supports_rotary(rope: tuple[Tensor, Tensor], head_dim: int) -> bool:
 
 def linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | tuple[Tensor, ...],
     activation: str | None = None,
     norm: nn.LayerNorm | None = None,
     residual: Tensor | None = None,
@@ -156,8 +157,10 @@ def linear(
     `supports_norm`) is applied to each row of x as the kernel reads it. With `rows` (any shape, integer), x is
     a table (V, K) and the input is x[rows] (F.embedding's), read from the table row by row. With `rope` (see
     `supports_rotary`), the first `rotary_columns` of the output are heads of `head_dim` columns rotated as
-    model.apply_rotary rotates them, output row r (of B x T) at the position of the tables' row r % their rows."""
-    out_features, in_features = weight.shape
+    model.apply_rotary rotates them, output row r (of B x T) at the position of the tables' row r % their rows.
+    A tuple of weights is one product over all of them, their outputs side by side (see `packed_weight`)."""
+    parts = weight if isinstance(weight, tuple) else (weight,)
+    out_features, in_features = sum(part.shape[0] for part in parts), parts[0].shape[1]
     lead = x.shape[:-1] if rows is None else rows.shape
     table = x.reshape(-1, in_features)
     if table.stride(-1) != 1:

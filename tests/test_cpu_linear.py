@@ -152,3 +152,17 @@ def test_linear_rotates_the_heads_it_writes(table_batch):
     expected_keys = apply_rotary(keys, cos, sin).transpose(1, 2).reshape(batch, length, rotated)
     torch.testing.assert_close(y[..., :rotated].float(), expected_keys, atol=3e-2, rtol=1.6e-2)
     torch.testing.assert_close(y[..., rotated:].float(), plain[..., rotated:], atol=2e-2, rtol=1.6e-2)
+
+
+@needs_kernel
+def test_linear_over_two_weights_is_their_outputs_side_by_side():
+    torch.manual_seed(7)
+    x, first, second = torch.randn(3, 40, 64), torch.randn(24, 64) / 8, torch.nn.Parameter(torch.randn(40, 64) / 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        both = cpu_linear.linear(x, (first, second))
+        second.mul_(2)  # a change to either weight makes the joint pack again
+        again = cpu_linear.linear(x, (first, second))
+    torch.testing.assert_close(
+        both.float(), autocast_reference(x, torch.cat((first, second / 2))), atol=2e-2, rtol=1.6e-2
+    )
+    torch.testing.assert_close(again[..., 24:].float(), autocast_reference(x, second), atol=4e-2, rtol=1.6e-2)

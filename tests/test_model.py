@@ -267,3 +267,19 @@ def test_one_query_per_row_of_a_batch_matches_the_fused_kernel(dtype, tolerance)
         fused = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert batched.dtype == dtype
     torch.testing.assert_close(batched.float(), fused, atol=tolerance, rtol=0)
+
+
+def test_rope_of_consecutive_positions_is_the_kept_table_sliced():
+    torch.manual_seed(0)
+    model = PerceiverAR(PerceiverARConfig(vocab_size=16, max_context=32, num_latents=8, d_model=32, num_heads=2))
+    config = model.config
+    for first, length in [(0, 32), (5, 20), (100, 40), (0, 1)]:  # 100..139: past max_context, the table grows
+        positions = torch.arange(first, first + length)[None]
+        cos, sin = model.rope(positions)
+        exact_cos, exact_sin = rotary_tables(positions, config.rotary_dim, config.rotary_base, torch.float32)
+        assert torch.equal(cos, exact_cos) and torch.equal(sin, exact_sin)
+    assert model._rope_tables[(torch.device("cpu"), torch.float32)][0].shape[0] >= 140
+    scattered = torch.tensor([[3, 1, 7]])  # not a run: computed directly
+    assert torch.equal(
+        model.rope(scattered)[0], rotary_tables(scattered, config.rotary_dim, 10_000.0, torch.float32)[0]
+    )
