@@ -191,6 +191,8 @@ class Linear(nn.Linear):
     Why the parts: bf16 inference on CPUs with AMX runs all of them in one pass of cpu_linear.py's kernel, over
     the weight packed once rather than cast on every call (BENCHMARKS.md "Stop 34"): the norm applied to each row
     as it is read, the GELU and the add on the fp32 sums. Everywhere else they are PyTorch's ops in that order.
+    The kernel can also rotate output heads (`rope`, `rotary_columns`, `head_dim`), which has no PyTorch
+    fallback here: Attention passes them only where rotary_inside says the kernel runs, and rotates otherwise.
     """
 
     def __init__(self, in_features: int, out_features: int):
