@@ -434,6 +434,17 @@ INLINE void amx_softmax_row(long visible, __m512 scale, const float *s, bf16 *p,
     }
 }
 
+/* Of the (at most `blocks`) 64-key blocks of the AMX step from key `start`, how many some query of group g (queries
+   16 g.. of the item's `count` from `first`) sees: all of them without the causal mask, else up to its last row's
+   last key. Groups wholly before the step's keys (the diagonal of a causal item) skip it. */
+INLINE int seen_blocks(const Job *job, int first, int count, int g, long start, int blocks) {
+    if (!job->causal) return blocks;
+    const int last = (g + 1) * AMX_ROWS < count ? (g + 1) * AMX_ROWS - 1 : count - 1;
+    const long end = first + last + ((long)job->num_keys - job->n) + 1 - start; /* keys of the step it sees */
+    const long seen = end <= 0 ? 0 : (end + KEY_BLOCK - 1) / KEY_BLOCK;
+    return seen < blocks ? (int)seen : blocks;
+}
+
 /* one block of queries of one (batch, head) over every key it sees; `f32` (a constant where inlined): fp32
    tensors and FMA tiles, else bf16 and vdpbf16ps */
 INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores, void *probs, float *acc,
@@ -471,19 +482,20 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
         bf16 *group_probs = (bf16 *)probs;
         for (int g = -1; g < groups; g++) {
             if (g + 1 < groups) /* the next group's scores, into the other of two slots */
-                for (int b = 0; b < blocks; b++)
+                for (int b = 0; b < seen_blocks(job, first, count, g + 1, start, blocks); b++)
                     amx_score_group(D, q_rows + (long)(g + 1) * AMX_ROWS * D, kp + (block + b) * block_words,
                                     scores + ((g + 1) & 1) * AMX_ROWS * AMX_KEYS + b * KEY_BLOCK, AMX_KEYS);
-            if (g < 0) continue;
+            const int seen = g < 0 ? 0 : seen_blocks(job, first, count, g, start, blocks);
+            if (!seen) continue; /* no query of the group sees these keys (causal): nothing to add */
             const float *group_scores = scores + (g & 1) * AMX_ROWS * AMX_KEYS;
             for (int r = 0; r < AMX_ROWS && g * AMX_ROWS + r < count; r++) {
                 const int i = g * AMX_ROWS + r;
                 long visible = (job->causal ? first + i + offset + 1 : job->num_keys) - start;
-                if (visible > blocks * KEY_BLOCK) visible = blocks * KEY_BLOCK; /* no second block: masked */
+                if (visible > seen * KEY_BLOCK) visible = seen * KEY_BLOCK; /* blocks not scored: masked */
                 amx_softmax_row(visible, scale, group_scores + r * AMX_KEYS, group_probs + r * AMX_KEYS, row_max + i,
                                 sum_lanes + 16 * i, acc + (long)i * D, D);
             }
-            amx_value_group(blocks, D, group_probs, AMX_KEYS, vp + block * block_words, acc + (long)g * AMX_ROWS * D);
+            amx_value_group(seen, D, group_probs, AMX_KEYS, vp + block * block_words, acc + (long)g * AMX_ROWS * D);
         }
     }
     for (long start = 0; start < key_end && !amx; start += KEY_BLOCK) {
