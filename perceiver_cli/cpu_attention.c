@@ -29,11 +29,14 @@ typedef uint16_t bf16;
 
 #define KEY_BLOCK 64    /* keys per tile: four 16-lane vectors */
 #define QUERY_BLOCK 96  /* queries per work item; a multiple of every row tile below */
-#define AMX_QUERY_BLOCK 192 /* on AMX tiles, and in fp32 over long keys: each item reads its head's keys and values
-                               once, so larger items read them fewer times (a multiple of 16 and of 6) */
-#define LONG_KEYS 4096      /* fp32 takes AMX_QUERY_BLOCK from this many keys: over 1,024 keys the smaller items
+#define AMX_QUERY_BLOCK 528 /* the most queries of an item on AMX tiles (item_rows): each item reads its head's
+                               keys and values once, so larger items read them fewer times (a multiple of 48:
+                               whole 16-row tiles, and 6-row fp32 tiles where fp32 uses the buffers) */
+#define LONG_QUERY_BLOCK 192 /* queries per item in fp32 over long keys (a multiple of 16 and of 6) */
+#define LONG_KEYS 4096      /* fp32 takes LONG_QUERY_BLOCK from this many keys: over 1,024 keys the smaller items
                                balance the two threads better (4.0 against 4.2 ms), over 16k the larger read the
-                               keys and values half as often (101 against 107 ms) */
+                               keys and values half as often (101 against 107 ms); items of up to 528 as on AMX
+                               were no faster in fp32 (prefill 0.4056 against 0.4123 s median, 1 of 4 rounds) */
 #define MAX_SLACK 8.0f      /* a row's running maximum moves only when a score exceeds it by this much (log2 units):
                                probabilities then reach 2^8 at most, harmless in fp32 sums, and most key blocks
                                need no horizontal maximum and no rescaling */
@@ -879,6 +882,18 @@ long bf16_flash_attention_workspace(int batch, int heads, int num_keys, int D) {
     return 2L * sizeof(uint32_t) * batch * heads * ((num_keys + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2);
 }
 
+/* Queries per work item on AMX: as few items per head as still give each thread at least four
+   (dynamic scheduling then balances them), the head's queries split evenly among them, rounded up to a multiple of
+   48, at most AMX_QUERY_BLOCK. At the bench config's 1,024 queries and 8 heads: two items of 528 and 496 per
+   head, against 192 before (the bench's bf16 prefill: median 0.0925/0.0921 -> 0.0905/0.0904 s, faster in 7 of 12
+   alternated rounds); a model with 5 heads and 512 latents gets two of 288 and 224 rather than one of 512. */
+static int item_rows(int n, int heads, int threads) {
+    int per_head = (n + AMX_QUERY_BLOCK - 1) / AMX_QUERY_BLOCK;
+    while (heads * per_head < 4 * threads && per_head * 48 < n) per_head++;
+    const int rows = ((n + per_head - 1) / per_head + 47) / 48 * 48;
+    return rows < AMX_QUERY_BLOCK ? rows : AMX_QUERY_BLOCK;
+}
+
 /* The same attention in fp32 (tensors, products and softmax): for fp32 inference. Workspace: twice
    bf16_flash_attention_workspace's bytes. Returns 0 on success, 1 for unsupported sizes. */
 int f32_flash_attention(int batch, int heads, int n, int num_keys, int D, int causal, int threads, const float *q,
@@ -893,7 +908,7 @@ int f32_flash_attention(int batch, int heads, int n, int num_keys, int D, int ca
     job.f32 = 1, job.q32 = q, job.k32 = k, job.v32 = v, job.out32 = out;
     job.lse = lse, job.scale_log2 = scale * 1.44269504f;
     job.key_blocks = (num_keys + KEY_BLOCK - 1) / KEY_BLOCK;
-    job.block_rows = num_keys >= LONG_KEYS ? AMX_QUERY_BLOCK : QUERY_BLOCK;
+    job.block_rows = num_keys >= LONG_KEYS ? LONG_QUERY_BLOCK : QUERY_BLOCK;
     job.query_blocks = (n + job.block_rows - 1) / job.block_rows;
     job.items = batch * heads * job.query_blocks;
     job.k_packed32 = workspace;
@@ -916,7 +931,7 @@ int bf16_flash_attention(int batch, int heads, int n, int num_keys, int D, int c
         job.out_strides[i] = out_strides[i];
     job.out = out, job.lse = lse, job.scale_log2 = scale * 1.44269504f;
     job.key_blocks = (num_keys + KEY_BLOCK - 1) / KEY_BLOCK;
-    job.block_rows = use_amx ? AMX_QUERY_BLOCK : QUERY_BLOCK;
+    job.block_rows = use_amx ? item_rows(n, batch * heads, job.threads) : QUERY_BLOCK;
     job.query_blocks = (n + job.block_rows - 1) / job.block_rows;
     job.items = batch * heads * job.query_blocks;
     job.k_packed = workspace;
