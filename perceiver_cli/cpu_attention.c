@@ -29,7 +29,7 @@ typedef uint16_t bf16;
 
 #define KEY_BLOCK 64    /* keys per tile: four 16-lane vectors */
 #define QUERY_BLOCK 96  /* queries per work item; a multiple of every row tile below */
-#define AMX_QUERY_BLOCK 528 /* the most queries of an item on AMX tiles (item_rows): each item reads its head's
+#define AMX_QUERY_BLOCK 1056 /* the most queries of an item on AMX tiles (item_rows): each item reads its head's
                                keys and values once, so larger items read them fewer times (a multiple of 48:
                                whole 16-row tiles, and 6-row fp32 tiles where fp32 uses the buffers) */
 #define LONG_QUERY_BLOCK 192 /* queries per item in fp32 over long keys (a multiple of 16 and of 6) */
@@ -884,9 +884,10 @@ long bf16_flash_attention_workspace(int batch, int heads, int num_keys, int D) {
 
 /* Queries per work item on AMX: as few items per head as still give each thread at least four
    (dynamic scheduling then balances them), the head's queries split evenly among them, rounded up to a multiple of
-   48, at most AMX_QUERY_BLOCK. At the bench config's 1,024 queries and 8 heads: two items of 528 and 496 per
-   head, against 192 before (the bench's bf16 prefill: median 0.0925/0.0921 -> 0.0905/0.0904 s, faster in 7 of 12
-   alternated rounds); a model with 5 heads and 512 latents gets two of 288 and 224 rather than one of 512. */
+   48, at most AMX_QUERY_BLOCK. At the bench config's 1,024 queries and 8 heads: one item of 1,024 per head,
+   against six of up to 192 before (the bench's bf16 prefill: median 0.0925/0.0921 -> 0.0905/0.0904 s with items
+   of up to 528, faster in 7 of 12 alternated rounds; 0.0872 -> 0.0864 s with 1,056, 5 of 8); a model with 5
+   heads and 512 latents gets two of 288 and 224 rather than one of 512. */
 static int item_rows(int n, int heads, int threads) {
     int per_head = (n + AMX_QUERY_BLOCK - 1) / AMX_QUERY_BLOCK;
     while (heads * per_head < 4 * threads && per_head * 48 < n) per_head++;
