@@ -3,9 +3,10 @@
 Under bf16 autocast PyTorch casts every weight to bf16 again on every call, and oneDNN runs the MLP's down
 projection (K = 4 d > N = d) at about a third of its square-GEMM speed (BENCHMARKS.md "Stop 34"). `linear`
 computes the same product (bf16 operands, fp32 sums, a bf16 result) over weights packed once into the AMX
-layout and kept beside the weight until the weight changes; an optional exact GELU runs on the fp32 sums before
-the rounding. model.Linear uses it for inference (no gradient) under bf16 autocast wherever `supports` says so;
-training and every other case keep PyTorch's.
+layout and kept beside the weight until the weight changes, and folds in what the model does around it: the
+LayerNorm before, the GELU (to ~1e-4), the residual add and rotary position on the fp32 sums, an embedding
+lookup of its input rows. model.Linear and model.Attention use it for inference (no gradient) under bf16 autocast
+wherever `supports` says so; training and every other case keep PyTorch's.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def linear(
             residual_rows = residual_rows.contiguous()
         job.residual, job.residual_row_stride = residual_rows.data_ptr(), residual_rows.stride(0)
     if rope is not None:
-        cos, sin = (table.detach().to(torch.float32).reshape(-1, 16).contiguous() for table in rope)
+        cos, sin = (angles.detach().to(torch.float32).reshape(-1, 16).contiguous() for angles in rope)
         job.rotary_cos, job.rotary_sin, job.rotary_rows = cos.data_ptr(), sin.data_ptr(), cos.shape[0]
         job.rotary_columns, job.head_dim = rotary_columns, head_dim
     status = _kernel().linear_forward(ctypes.byref(job))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import cpu_decode
 from .device import cpu_has_fast_bf16
-from .model import PerceiverAR
+from .model import PerceiverAR, linear_parts
 
 # ----------------------------------------------------------------------------------------------------------
 # Sampling options and logit filters
@@ -217,10 +217,7 @@ class StepLinear(nn.Module):
         rows: Tensor | None = None,
     ) -> Tensor:
         """model.Linear's interface: activation(norm(x[rows] or x) W^T) + residual."""
-        x = x if rows is None else F.embedding(rows, x)
-        out = self._linear(x if norm is None else norm(x))
-        out = F.gelu(out) if activation == "gelu" else out
-        return out if residual is None else residual + out
+        return linear_parts(self._linear, x, activation, norm, residual, rows)
 
     def _linear(self, x: Tensor) -> Tensor:
         if self.scale is not None:  # int8 outside the C step: exact, and slow (it widens every weight each call)

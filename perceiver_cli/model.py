@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -215,10 +216,23 @@ class Linear(nn.Linear):
             )
         if rope is not None:  # Attention passes rope only where rotary_inside said the kernel takes it
             raise ValueError("rotary inside Linear needs cpu_linear's kernel (see rotary_inside)")
-        x = x if rows is None else F.embedding(rows, x)
-        y = super().forward(x if norm is None else norm(x))
-        y = F.gelu(y) if activation == "gelu" else y
-        return y if residual is None else residual + y
+        return linear_parts(super().forward, x, activation, norm, residual, rows)
+
+
+def linear_parts(
+    product: Callable[[Tensor], Tensor],
+    x: Tensor,
+    activation: str | None = None,
+    norm: nn.Module | None = None,
+    residual: Tensor | None = None,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """Linear's optional parts as PyTorch's ops around `product` (x -> x W^T): activation(norm(x[rows] or x) W^T)
+    + residual. Also the interface of generate.StepLinear, which cached decoding puts in Linear's place."""
+    x = x if rows is None else F.embedding(rows, x)
+    y = product(x if norm is None else norm(x))
+    y = F.gelu(y) if activation == "gelu" else y
+    return y if residual is None else residual + y
 
 
 def norm_inside(linear: nn.Module, x: Tensor, norm: nn.LayerNorm | None) -> bool:
