@@ -165,14 +165,13 @@ def _timed_cycle(
     # per row and step: the cross-attention keys+values of the window and each latent layer's keys+values
     cache_bytes = [(w.end - w.start + c.num_layers * w.num_latents) * 2 * c.d_model * element for _, w in steady]
     step_bytes = weight_bytes + batch * sum(cache_bytes) / len(cache_bytes)
-    ceiling = bandwidth / step_bytes * batch
     rate = batch / step_seconds
     return {
         "batch": batch,
         "step_weights": "model (nn.Linear)" if step_dtype is None else str(step_dtype).removeprefix("torch."),
         "tokens_per_s": rate,
-        "ceiling_tokens_per_s": ceiling,
-        "fraction_of_ceiling": rate / ceiling,
+        "ceiling_tokens_per_s": ceiling_tokens_per_s(bandwidth, step_bytes, batch),
+        "fraction_of_ceiling": fraction_of_ceiling(rate, bandwidth, step_bytes, batch),
         "bytes_per_step": step_bytes,
         "tokens_per_s_with_refill": batch * len(durations) / sum(durations),
         "cached_steps": len(steady),
@@ -210,6 +209,16 @@ def _step_weight_bytes(model: PerceiverAR, step_dtype) -> float:
     return total
 
 
+def ceiling_tokens_per_s(bandwidth: float, step_bytes: float, batch: int) -> float:
+    """Tokens/s if every step read its bytes at `bandwidth` (bytes/s) and did nothing else."""
+    return bandwidth / step_bytes * batch
+
+
+def fraction_of_ceiling(rate: float, bandwidth: float, step_bytes: float, batch: int) -> float:
+    # one expression for every fraction of a ceiling, so fractions against the same bandwidth compare exactly
+    return rate / ceiling_tokens_per_s(bandwidth, step_bytes, batch)
+
+
 def use_higher_limits(
     results: dict, peaks_again: dict[str, float], bandwidth_again: float, when: str = "end"
 ) -> None:
@@ -228,8 +237,9 @@ def use_higher_limits(
         results["bandwidth_gb_s"] = bandwidth_again / 1e9
         for key, entry in results.items():
             if key.startswith("decode_"):
-                entry["ceiling_tokens_per_s"] *= bandwidth_again / so_far
-                entry["fraction_of_ceiling"] *= so_far / bandwidth_again
+                step = (bandwidth_again, entry["bytes_per_step"], entry["batch"])
+                entry["ceiling_tokens_per_s"] = ceiling_tokens_per_s(*step)
+                entry["fraction_of_ceiling"] = fraction_of_ceiling(entry["tokens_per_s"], *step)
 
 
 def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=print) -> dict:
@@ -317,8 +327,8 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             adjacent = max(before, streaming_bandwidth(parameters))
             highest_adjacent = max(highest_adjacent, adjacent)
             result["bandwidth_adjacent_gb_s"] = adjacent / 1e9
-            result["fraction_of_adjacent_ceiling"] = (
-                result["tokens_per_s"] * result["bytes_per_step"] / batch / adjacent
+            result["fraction_of_adjacent_ceiling"] = fraction_of_ceiling(
+                result["tokens_per_s"], adjacent, result["bytes_per_step"], batch
             )
             results[f"decode_batch{batch}_{label}"] = result
             log(f"decode batch {batch} ({label}): {result}")
