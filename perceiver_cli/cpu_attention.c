@@ -502,28 +502,25 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
         }
     }
     for (long start = 0; start < key_end && !amx; start += KEY_BLOCK) {
-        const long block = start / KEY_BLOCK;
+        /* tile by tile: a tile's scores, its rows' softmax and its product with the values follow each other while
+           its scores and probabilities are in L1, with the block's keys and values */
+        const long block = start / KEY_BLOCK, q_row = job->q_strides[2];
+        const uint32_t *kb = f32 ? NULL : kp + block * KEY_BLOCK * (D / 2);
+        const float *kb32 = f32 ? kp32 + block * KEY_BLOCK * D : NULL;
+        const uint32_t *vb = f32 ? NULL : vp + block * KEY_BLOCK * (D / 2);
+        const float *vb32 = f32 ? vp32 + block * KEY_BLOCK * D : NULL;
         for (int r = 0; r < count; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
-            const long q_row = job->q_strides[2];
-            float *sr = scores + r * KEY_BLOCK;
-            const uint32_t *kb = f32 ? NULL : kp + block * KEY_BLOCK * (D / 2);
-            const float *kb32 = f32 ? kp32 + block * KEY_BLOCK * D : NULL;
+            float *sr = scores + r * KEY_BLOCK, *ar = acc + r * D;
             /* constant row counts let the compiler keep the accumulators in registers */
 #define SCORE_TILE(R)                                                                                                \
     if (f32) score_tile_f32(R, D, q32 + r * q_row, q_row, kb32, sr, scale);                                           \
     else score_tile(R, D, q + r * q_row, q_row, kb, sr, scale)
             BY_ROWS(rows, SCORE_TILE)
 #undef SCORE_TILE
-        }
-        for (int i = 0; i < count; i++)
-            softmax_row(i, (job->causal ? first + i + offset + 1 : job->num_keys) - start, D, f32, 0, scale, scores,
-                        probs, acc, row_max, sum_lanes);
-        const uint32_t *vb = f32 ? NULL : vp + block * KEY_BLOCK * (D / 2);
-        const float *vb32 = f32 ? vp32 + block * KEY_BLOCK * D : NULL;
-        for (int r = 0; r < count; r += rows_per_tile) {
-            int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
-            float *ar = acc + r * D;
+            for (int i = r; i < r + rows; i++)
+                softmax_row(i, (job->causal ? first + i + offset + 1 : job->num_keys) - start, D, f32, 0, scale,
+                            scores, probs, acc, row_max, sum_lanes);
 #define VALUE_TILE(R)                                                                                                \
     if (f32) value_tile_f32(R, D, (const float *)probs + r * KEY_BLOCK, vb32, ar);                                   \
     else value_tile(R, D, (const bf16 *)probs + r * KEY_BLOCK, vb, ar)
@@ -872,6 +869,50 @@ int rotary(int batch, int heads, int length, int D, int half, int is_bf16, int t
                              is_bf16, mask);
             }
             if (to != from) memcpy(to + 2 * half * element, from + 2 * half * element, (D - 2 * half) * element);
+        }
+    }
+    return 0;
+}
+
+/* The cross-attention's keys and values from the projected vocabulary (model.CrossAttentionBlock.
+   vocabulary_key_value): out[b, t] = table[rows[b, t]], each table row fp32 of 2 * heads * D numbers (the key
+   heads, then the value heads), the key heads rotated by position t's angles as `rotary` rotates them (half, cos,
+   sin, table_batch alike; half 0 rotates nothing), written to the contiguous (batch, length, 2 * heads * D) out
+   in fp32 or bf16 (`out_bf16`: rounded once, after the rotation). One pass over the output. Returns 0, 1 for
+   unsupported sizes, 2 for a row index outside [0, table_rows). */
+int gather_rotary(int batch, int length, int heads, int D, int half, int out_bf16, int threads, const float *table,
+                  long table_rows, const int64_t *rows, void *out, const float *cos, const float *sin,
+                  int table_batch) {
+    if (half < 0 || 2 * half > D || (table_batch != 1 && table_batch != batch)) return 1;
+    const long count = (long)batch * length, width = 2L * heads * D, element = out_bf16 ? 2 : 4;
+    for (long i = 0; i < count; i++)
+        if (rows[i] < 0 || rows[i] >= table_rows) return 2;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (long row = 0; row < count; row++) {
+        const long b = row / length, t = row % length;
+        const long table_at = ((table_batch == 1 ? 0 : b) * length + t) * half;
+        const float *from = table + rows[row] * width;
+        char *to = (char *)out + row * width * element;
+        for (int h = 0; h < heads; h++) {
+            const float *x = from + (long)h * D;
+            char *y = to + (long)h * D * element;
+            for (int d = 0; d < half; d += 16) {
+                const __mmask16 mask = tail_mask(half - d);
+                const __m512 c = _mm512_maskz_loadu_ps(mask, cos + table_at + d);
+                const __m512 s = _mm512_maskz_loadu_ps(mask, sin + table_at + d);
+                const __m512 x1 = _mm512_maskz_loadu_ps(mask, x + d), x2 = _mm512_maskz_loadu_ps(mask, x + d + half);
+                store_values(y + d * element, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)), out_bf16, mask);
+                store_values(y + (d + half) * element, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)),
+                             out_bf16, mask);
+            }
+            for (int d = 2 * half; d < D; d += 16) { /* the dimensions past the rotary ones: copied */
+                const __mmask16 mask = tail_mask(D - d);
+                store_values(y + d * element, _mm512_maskz_loadu_ps(mask, x + d), out_bf16, mask);
+            }
+        }
+        for (long d = (long)heads * D; d < width; d += 16) { /* the values */
+            const __mmask16 mask = tail_mask(width - d);
+            store_values(to + d * element, _mm512_maskz_loadu_ps(mask, from + d), out_bf16, mask);
         }
     }
     return 0;

@@ -58,8 +58,12 @@ def _kernel():
         [ctypes.c_int] * 7 + [ctypes.c_void_p, strides] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
     )
     rotary.restype = ctypes.c_int
+    gather = library.gather_rotary
+    gather.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    gather.restype = ctypes.c_int
     return {
         "rotary": rotary,
+        "gather_rotary": gather,
         torch.bfloat16: function,
         torch.float32: f32_function,
         "workspace": workspace,
@@ -131,6 +135,40 @@ def rotary_in_place(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """model.apply_rotary's rotation written into x itself in one pass (x: see `rotates`; cos, sin (B|1, T, R/2)).
     Returns x. For fresh projections in inference only: whoever else holds x sees it rotated."""
     return _rotary(x, x, cos, sin)
+
+
+def gathers(table: Tensor, rows: Tensor) -> bool:
+    """Whether `gather_rotary` takes these: an fp32 CPU table (V, W), int64 rows, outside autograd and tracing."""
+    return (
+        table.device.type == rows.device.type == "cpu"
+        and table.dtype == torch.float32
+        and table.dim() == 2
+        and rows.dtype == torch.int64
+        and not (torch.is_grad_enabled() and table.requires_grad)
+        and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+def gather_rotary(table: Tensor, rows: Tensor, cos: Tensor, sin: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
+    """table[rows] (B, T, W) in `dtype` (fp32 or bf16, rounded once), whose first half, `heads` key heads, is rotated
+    as rotary_in_place rotates (cos, sin (B|1, T, R/2)): one pass of C where F.embedding, the rotation and the cast
+    took three (see `gathers`). Raises IndexError for a row outside the table, as F.embedding does."""
+    batch, length = rows.shape
+    width = table.shape[1]
+    table, rows = table.contiguous(), rows.contiguous()
+    cos, sin = (t.to(torch.float32).contiguous() for t in (cos, sin))
+    out = torch.empty(batch, length, width, dtype=dtype)
+    status = _kernel()["gather_rotary"](
+        batch, length, heads, width // (2 * heads), cos.shape[-1], int(dtype == torch.bfloat16),
+        torch.get_num_threads(), table.data_ptr(), table.shape[0], rows.data_ptr(), out.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(), cos.shape[0],
+    )  # fmt: skip
+    if status == 2:
+        raise IndexError(f"a token id is outside the embedding table's {table.shape[0]} rows")
+    if status:
+        raise RuntimeError(f"cpu_attention gather_rotary kernel failed with status {status}")
+    return out
 
 
 class _TrainableRotary(torch.autograd.Function):

@@ -399,10 +399,12 @@ class DecodeState:
             self._append_key_values(self.tokens[:, self.length - 1 : self.length], self.length - 1)
 
     def _append_key_values(self, tokens: Tensor, start: int) -> None:
-        model = self.stepper if tokens.shape[1] == 1 else self.model  # one new token is matrix-vector work
-        key, value = model.cross_attention.input_key_value(
-            model.embedding(tokens), model.rope(self._positions(start, start + tokens.shape[1]))
-        )
+        positions = self._positions(start, start + tokens.shape[1])
+        if tokens.shape[1] == 1:  # one new token is matrix-vector work, for the stepper's weights
+            model = self.stepper
+            key, value = model.cross_attention.input_key_value(model.embedding(tokens), model.rope(positions))
+        else:
+            key, value = self.model.input_key_value(tokens, positions)
         if self.cross_key is None:
             self._allocate(key)
         offset = start - self.cross_start

@@ -468,6 +468,31 @@ class CrossAttentionBlock(nn.Module):
         """Keys and values (B, H, T, Dh) of inputs (B, T, D), or of the rows `rows` (B, T) of a table inputs (V, D)."""
         return self.attention.project_key_value(inputs, rope, norm=self.norm_inputs, rows=rows)
 
+    def vocabulary_key_value(
+        self, table: Tensor, tokens: Tensor, rope: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """input_key_value of the rows `tokens` (B, T) of the fp32 embedding table (V, D), from the keys and values
+        of every row of the table, projected once.
+
+        Before the rotary, a position's key and value depend on its token alone (embedding -> LayerNorm ->
+        projection), so V projected rows serve B*T positions: the same sums per row, and at 16k positions of a
+        388-token vocabulary 0.4 GFLOP where projecting every position took 17 (BENCHMARKS.md "Stop 35"). The
+        table is projected in fp32 even under autocast: V rows cost little, each position's key is rotated in
+        fp32 and rounded once, and in training the positions' gradients add up into the table's rows in fp32."""
+        attention = self.attention
+        device = table.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
+        with torch.autocast(device, enabled=False):
+            projected = attention.key_value(table, norm=self.norm_inputs)  # (V, 2D)
+        if cpu_attention.gathers(projected, tokens):  # inference: gather, rotate and round in one pass
+            key, value = cpu_attention.gather_rotary(projected, tokens, *rope, attention.num_heads, dtype).chunk(
+                2, -1
+            )
+            return attention._heads(key), attention._heads(value)
+        key, value = F.embedding(tokens, projected).chunk(2, dim=-1)
+        key = rotate_projection(attention._heads(key), *rope)
+        return key.to(dtype), attention._heads(value).to(dtype)  # (B, H, T, Dh) each
+
     def query(self, latents: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         return self.attention.project_query(latents, rope, norm=self.norm_query)  # (B, H, n, Dh)
 
@@ -596,35 +621,33 @@ class PerceiverAR(nn.Module):
             positions = torch.cat((kept + position_offset, latent_positions.expand(batch, -1)), dim=1)
         num_keys = positions.shape[1]
 
+        key_tokens = tokens if kept is None else torch.cat((tokens.gather(1, kept), tokens[:, num_prefix:]), 1)
         if self._recompute_prefix(num_keys):
             latents = self.embedding_dropout(self.embedding(tokens[:, num_prefix:]))  # (B, n, D)
-            key_tokens = tokens if kept is None else torch.cat((tokens.gather(1, kept), tokens[:, num_prefix:]), 1)
             block = self.cross_attention
             parameters = (self.embedding.weight, block.norm_inputs.weight, block.norm_inputs.bias)
             mixed = recomputed_cross_attention(
                 block.query(latents, latent_rope),
                 key_tokens,
                 positions,
-                self._input_key_value,
+                self.input_key_value,
                 (*parameters, block.attention.key_value.weight),
                 self.prefix_chunk,
             )
             hidden = block.finish(latents, mixed)
             return self.latent_stack(hidden, latent_rope)
 
-        if not self.training:
-            # The key/value projection reads each position's embedding row from the table itself: with cpu_linear's
-            # kernel no (B, T, D) copy of the embeddings is made (a 16k prefill wrote and read 32 MB for it).
-            latents = self.embedding(tokens[:, num_prefix:])  # (B, n, D)
-            table = self.embedding.weight
-            key, value = self.cross_attention.input_key_value(table, self.rope(positions), rows=tokens)
-            return self.latent_stack(self.cross_attention.attend(latents, key, value, latent_rope), latent_rope)
-        inputs = self.embedding_dropout(self.embedding(tokens))  # (B, T, D)
-        latents = inputs[:, num_prefix:]  # (B, n, D): latents start as their own positions' embeddings
-        if kept is not None:
-            prefix = inputs[:, :num_prefix].gather(1, kept[..., None].expand(-1, -1, inputs.shape[-1]))
-            inputs = torch.cat((prefix, latents), dim=1)  # (B, K + n, D)
-        key, value = self.cross_attention.input_key_value(inputs, self.rope(positions))  # (B, H, T', Dh)
+        if not (self.training and self.config.dropout > 0):
+            # no embedding dropout: the keys' inputs are the tokens' embeddings alone (see input_key_value)
+            latents = self.embedding(tokens[:, num_prefix:])  # (B, n, D): latents start as their own embeddings
+            key, value = self.input_key_value(key_tokens, positions)
+        else:  # the latents and the keys' inputs share one dropout sample of the embeddings
+            inputs = self.embedding_dropout(self.embedding(tokens))  # (B, T, D)
+            latents = inputs[:, num_prefix:]
+            if kept is not None:
+                prefix = inputs[:, :num_prefix].gather(1, kept[..., None].expand(-1, -1, inputs.shape[-1]))
+                inputs = torch.cat((prefix, latents), dim=1)  # (B, K + n, D)
+            key, value = self.cross_attention.input_key_value(inputs, self.rope(positions))  # (B, H, T', Dh)
         hidden = self.cross_attention.attend(latents, key, value, latent_rope)  # (B, n, D)
         return self.latent_stack(hidden, latent_rope)
 
@@ -638,19 +661,34 @@ class PerceiverAR(nn.Module):
         no_dropout = not (self.training and self.config.dropout > 0)  # embedding dropout needs the full inputs
         return grad and no_dropout and num_keys > self.recompute_prefix_above
 
-    def _input_key_value(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cross_attention.input_key_value(self.embedding(tokens), self.rope(positions))
+    # Whether the cross-attention's keys and values come from the projected vocabulary (vocabulary_key_value) where
+    # that projects fewer rows than the positions; False: every position is projected (BENCHMARKS.md "Stop 35").
+    project_vocabulary: bool = True
 
-    def flops_per_token(self, context: int, num_latents: int | None = None) -> dict[str, float]:
-        """Forward FLOPs per trained (latent) position, counted analytically (2 per multiply-add).
+    def input_key_value(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The cross-attention's keys and values (B, H, T, Dh) of tokens (B, T) at positions (B|1, T), with no
+        embedding dropout (which would make them more than a function of each token)."""
+        rope, table = self.rope(positions), self.embedding.weight
+        if self.project_vocabulary and table.dtype == torch.float32 and tokens.numel() > table.shape[0]:
+            return self.cross_attention.vocabulary_key_value(table, tokens, rope)
+        # the projection reads each position's row from the table itself: with cpu_linear's kernel no (B, T, D)
+        # copy of the embeddings is made (a 16k prefill wrote and read 32 MB for it)
+        return self.cross_attention.input_key_value(table, rope, rows=tokens)
 
-        Cross-attention: key/value projections for every input position plus the queries' attention over
-        on average (context - n/2) keys; latent layers: projections + MLP + causal attention over n/2 keys.
+    def flops_per_token(
+        self, context: int, num_latents: int | None = None, projected_vocabulary: bool = False
+    ) -> dict[str, float]:
+        """Forward FLOPs per trained (latent) position of one sequence, counted analytically (2 per multiply-add).
+
+        Cross-attention: key/value projections for every input position (with `projected_vocabulary`, for the
+        vocabulary's rows where they are fewer: input_key_value's path) plus the queries' attention over on
+        average (context - n/2) keys; latent layers: projections + MLP + causal attention over n/2 keys.
         """
         c = self.config
         n = min(context, c.num_latents if num_latents is None else num_latents)
         d, hidden = c.d_model, int(c.d_model * c.mlp_ratio)
-        kv_all_inputs = 2 * context * 2 * d * d
+        projected_rows = min(context, c.vocab_size) if projected_vocabulary else context
+        kv_all_inputs = 2 * projected_rows * 2 * d * d
         cross = n * (2 * (2 * d * d) + 2 * 2 * d * hidden) + kv_all_inputs + 2 * 2 * n * (context - n / 2) * d
         layer = n * (2 * 4 * d * d + 2 * 2 * d * hidden) + 2 * 2 * n * (n / 2) * d
         head = n * 2 * d * c.vocab_size

@@ -126,6 +126,41 @@ def test_rotary_in_place_matches_apply_rotary(dtype, batch, length, heads, head_
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch, length, heads, head_dim, rotary_dim, table_batch",
+    [(1, 100, 8, 64, 32, 1), (2, 37, 4, 64, 20, 2), (3, 5, 2, 32, 0, 1), (1, 9, 2, 128, 128, 1)],
+)
+def test_gather_rotary_is_embedding_then_rotary_rounded_once(
+    dtype, batch, length, heads, head_dim, rotary_dim, table_batch
+):
+    torch.manual_seed(length)
+    table = torch.randn(11, 2 * heads * head_dim)  # a projected vocabulary: key heads, then value heads
+    rows = torch.randint(0, 11, (batch, length))
+    positions = torch.arange(length)[None].expand(table_batch, length) * 3 + 7
+    cos, sin = rotary_tables(positions, rotary_dim, 10_000.0, torch.float32)
+    expected = torch.nn.functional.embedding(rows, table)  # fp32
+    key = expected[..., : heads * head_dim].view(batch, length, heads, head_dim).transpose(1, 2)
+    key.copy_(apply_rotary(key, cos, sin))
+    out = cpu_attention.gather_rotary(table, rows, cos, sin, heads, dtype)
+    assert out.shape == (batch, length, 2 * heads * head_dim) and out.dtype == dtype and out.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+        assert torch.equal(out[..., heads * head_dim :], expected[..., heads * head_dim :])  # values copied
+    else:  # the fp32 rotation rounded once
+        torch.testing.assert_close(out, expected.to(dtype), atol=0, rtol=2**-8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [-1, 11])
+def test_gather_rotary_refuses_a_row_outside_the_table(bad):
+    cos, sin = rotary_tables(torch.arange(4)[None], 8, 10_000.0, torch.float32)
+    rows = torch.tensor([[0, 3, bad, 1]])
+    with pytest.raises(IndexError, match="outside the embedding table's 11 rows"):
+        cpu_attention.gather_rotary(torch.randn(11, 64), rows, cos, sin, 2, torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rotary_dim, table_batch", [(32, 1), (20, 2)])
 def test_trainable_rotary_matches_apply_rotary_forward_and_backward(dtype, rotary_dim, table_batch):
     torch.manual_seed(rotary_dim)

@@ -198,6 +198,71 @@ def test_recomputed_cross_attention_matches_the_ordinary_path(prefix_dropout, ch
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _counting_vocabulary_calls(model: PerceiverAR) -> list:
+    calls = []
+    project = model.cross_attention.vocabulary_key_value
+    model.cross_attention.vocabulary_key_value = lambda *args: calls.append(1) or project(*args)
+    return calls
+
+
+@pytest.mark.parametrize("prefix_dropout, recompute", [(0.0, False), (0.4, False), (0.0, True)])
+def test_projected_vocabulary_matches_projecting_every_position(prefix_dropout, recompute):
+    """Keys and values from the vocabulary's 50 projected rows instead of 194 positions' projections: the same loss
+    and gradients in training (also with prefix dropout and in the recomputing path), the same logits in eval."""
+    torch.manual_seed(0)
+    config = PerceiverARConfig(
+        vocab_size=50, max_context=96, num_latents=16, d_model=32, num_heads=4, num_layers=2,
+        prefix_dropout=prefix_dropout,
+    )  # fmt: skip
+    model = PerceiverAR(config).train()
+    if recompute:
+        model.recompute_prefix_above, model.prefix_chunk = 0, 64
+    tokens = torch.randint(0, 50, (2, 97))
+    calls = _counting_vocabulary_calls(model)
+    model.project_vocabulary = False
+    reference_loss, reference = _loss_and_grads(model, tokens)
+    assert not calls
+    model.project_vocabulary = True
+    loss, grads = _loss_and_grads(model, tokens)
+    assert calls  # the vocabulary's path ran
+    assert loss == pytest.approx(reference_loss.item(), rel=1e-6)
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    model.eval()
+    with torch.no_grad():
+        projected = model(tokens[:, :-1])
+        model.project_vocabulary = False
+        torch.testing.assert_close(projected, model(tokens[:, :-1]), rtol=1e-5, atol=1e-6)
+
+
+def test_projected_vocabulary_only_where_it_projects_fewer_rows_and_without_embedding_dropout():
+    torch.manual_seed(0)
+    model = PerceiverAR(tiny_config(dropout=0.1)).train()  # vocabulary 37
+    calls = _counting_vocabulary_calls(model)
+    model(torch.randint(0, 37, (1, 40)))  # dropout draws per position: no
+    model.eval()
+    model(torch.randint(0, 37, (1, 30)))  # 30 positions, fewer than the 37 rows: no
+    assert not calls
+    model(torch.randint(0, 37, (1, 40)))
+    assert len(calls) == 1
+
+
+def test_projected_vocabulary_under_bf16_autocast_rounds_toward_fp32():
+    torch.manual_seed(0)
+    model = PerceiverAR(tiny_config()).eval()
+    tokens = torch.randint(0, 37, (2, 48))
+    with torch.no_grad():
+        exact = model(tokens)
+        rounded = {}
+        for projected in (False, True):
+            model.project_vocabulary = projected
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                rounded[projected] = model(tokens).float()
+    error = {projected: (logits - exact).abs().max().item() for projected, logits in rounded.items()}
+    assert error[True] <= 1.5 * error[False] + 1e-3, error  # keys rotated in fp32 and rounded once
+    assert error[True] < 0.05, error
+
+
 def test_recomputed_cross_attention_holds_no_per_position_activations():
     """The autograd graph keeps token ids, not (T, d_model) tensors: saved bytes grow ~16 per extra token."""
     config = PerceiverARConfig(

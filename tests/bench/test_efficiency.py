@@ -19,7 +19,13 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         assert results["gemm_peak_gflops"]["fp32"] >= results[f"gemm_peak_gflops_{when}"]["fp32"]
         assert results["bandwidth_gb_s"] >= results[f"bandwidth_gb_s_{when}"]
     for kind in ("prefill_fp32", "train_fp32"):
-        assert 0 < results[kind]["fraction_of_peak"] and results[kind]["seconds"] > 0
+        for row in (results[kind], results[f"{kind}_projected_vocabulary"]):
+            assert 0 < row["fraction_of_peak"] and row["seconds"] > 0
+            peak = results["gemm_peak_gflops"]["fp32"] * 1e9
+            assert abs(row["fraction_of_peak"] - row["flops"] / row["seconds"] / peak) < 1e-9
+        # the projected vocabulary's rows count its 64 rows' key/value projections where the other counts 256
+        saved = 2 * (256 - 64) * 2 * 64 * 64 * (3 if kind.startswith("train") else 1)
+        assert results[kind]["flops"] - results[f"{kind}_projected_vocabulary"]["flops"] == saved
     for batch in (1, 16):
         fp32 = results[f"decode_batch{batch}_fp32"]
         assert results[f"decode_batch{batch}_model"]["step_weights"] == "model (nn.Linear)"

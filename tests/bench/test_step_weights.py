@@ -111,10 +111,11 @@ def test_efficiency_keeps_the_higher_of_the_start_and_end_limits():
     results = {
         "gemm_peak_gflops": {"fp32": 100.0, "bf16": 400.0},
         "bandwidth_gb_s": 10.0,
-        "prefill_fp32": {"fraction_of_peak": 0.8},
-        "train_fp32": {"fraction_of_peak": 0.6},
-        "prefill_bf16": {"fraction_of_peak": 0.5},
-        "train_bf16": {"fraction_of_peak": 0.4},
+        # FLOPs and seconds as measured against the peak so far (GFLOP/s above)
+        "prefill_fp32": {"flops": 80e9, "seconds": 1.0, "fraction_of_peak": 0.8, "gemm_peak": "fp32"},
+        "train_fp32": {"flops": 60e9, "seconds": 1.0, "fraction_of_peak": 0.6, "gemm_peak": "fp32"},
+        "prefill_bf16": {"flops": 200e9, "seconds": 1.0, "fraction_of_peak": 0.5, "gemm_peak": "bf16"},
+        "train_bf16": {"flops": 160e9, "seconds": 1.0, "fraction_of_peak": 0.4, "gemm_peak": "bf16"},
         # 1e8 bytes per step at 10 GB/s: 100 tokens/s at most; 50 measured
         "decode_batch1_fp32": {
             "batch": 1,
