@@ -502,25 +502,28 @@ INLINE void run_item(Job *job, int item, int D, int f32, int amx, float *scores,
         }
     }
     for (long start = 0; start < key_end && !amx; start += KEY_BLOCK) {
-        /* tile by tile: a tile's scores, its rows' softmax and its product with the values follow each other while
-           its scores and probabilities are in L1, with the block's keys and values */
-        const long block = start / KEY_BLOCK, q_row = job->q_strides[2];
-        const uint32_t *kb = f32 ? NULL : kp + block * KEY_BLOCK * (D / 2);
-        const float *kb32 = f32 ? kp32 + block * KEY_BLOCK * D : NULL;
-        const uint32_t *vb = f32 ? NULL : vp + block * KEY_BLOCK * (D / 2);
-        const float *vb32 = f32 ? vp32 + block * KEY_BLOCK * D : NULL;
+        const long block = start / KEY_BLOCK;
         for (int r = 0; r < count; r += rows_per_tile) {
             int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
-            float *sr = scores + r * KEY_BLOCK, *ar = acc + r * D;
+            const long q_row = job->q_strides[2];
+            float *sr = scores + r * KEY_BLOCK;
+            const uint32_t *kb = f32 ? NULL : kp + block * KEY_BLOCK * (D / 2);
+            const float *kb32 = f32 ? kp32 + block * KEY_BLOCK * D : NULL;
             /* constant row counts let the compiler keep the accumulators in registers */
 #define SCORE_TILE(R)                                                                                                \
     if (f32) score_tile_f32(R, D, q32 + r * q_row, q_row, kb32, sr, scale);                                           \
     else score_tile(R, D, q + r * q_row, q_row, kb, sr, scale)
             BY_ROWS(rows, SCORE_TILE)
 #undef SCORE_TILE
-            for (int i = r; i < r + rows; i++)
-                softmax_row(i, (job->causal ? first + i + offset + 1 : job->num_keys) - start, D, f32, 0, scale,
-                            scores, probs, acc, row_max, sum_lanes);
+        }
+        for (int i = 0; i < count; i++)
+            softmax_row(i, (job->causal ? first + i + offset + 1 : job->num_keys) - start, D, f32, 0, scale, scores,
+                        probs, acc, row_max, sum_lanes);
+        const uint32_t *vb = f32 ? NULL : vp + block * KEY_BLOCK * (D / 2);
+        const float *vb32 = f32 ? vp32 + block * KEY_BLOCK * D : NULL;
+        for (int r = 0; r < count; r += rows_per_tile) {
+            int rows = count - r < rows_per_tile ? count - r : rows_per_tile;
+            float *ar = acc + r * D;
 #define VALUE_TILE(R)                                                                                                \
     if (f32) value_tile_f32(R, D, (const float *)probs + r * KEY_BLOCK, vb32, ar);                                   \
     else value_tile(R, D, (const bf16 *)probs + r * KEY_BLOCK, vb, ar)
