@@ -566,6 +566,10 @@ class PerceiverAR(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # The kept rotary table covers positions below this (8 MiB at 32 rotary dimensions): past it, a run's tables
+    # are computed for it alone, since a table up to a 2M-token context held 256 MiB (BENCHMARKS.md "Stop 35").
+    rope_table_positions: int = 1 << 16
+
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Rotary tables for positions (B|1, T), in the parameters' dtype. A run of consecutive positions (every
         forward pass but prefix dropout's) is a slice of one table kept per device and dtype: the same values, where
@@ -574,13 +578,15 @@ class PerceiverAR(nn.Module):
         dtype = self.embedding.weight.dtype
         if positions.dim() == 2 and positions.shape[0] == 1 and not torch.compiler.is_compiling():
             first, length = int(positions[0, 0]), positions.shape[1]
-            if first >= 0 and torch.equal(
-                positions[0], torch.arange(first, first + length, device=positions.device)
+            if (
+                0 <= first
+                and first + length <= self.rope_table_positions
+                and torch.equal(positions[0], torch.arange(first, first + length, device=positions.device))
             ):
                 key = (positions.device, dtype)
                 cos, sin = self._rope_tables.get(key, (torch.empty(0), torch.empty(0)))
                 if cos.shape[0] < first + length:  # grown by doubling: cached decoding walks past max_context
-                    size = max(first + length, 2 * cos.shape[0], c.max_context)
+                    size = min(max(first + length, 2 * cos.shape[0], c.max_context), self.rope_table_positions)
                     every = torch.arange(size, device=positions.device)
                     cos, sin = self._rope_tables[key] = rotary_tables(every, c.rotary_dim, c.rotary_base, dtype)
                 return cos[None, first : first + length], sin[None, first : first + length]

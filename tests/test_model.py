@@ -348,3 +348,8 @@ def test_rope_of_consecutive_positions_is_the_kept_table_sliced():
     assert torch.equal(
         model.rope(scattered)[0], rotary_tables(scattered, config.rotary_dim, 10_000.0, torch.float32)[0]
     )
+    model.rope_table_positions = 150  # a run reaching past the kept table's cap: computed directly, no growth
+    far = torch.arange(140, 200)[None]
+    assert torch.equal(model.rope(far)[1], rotary_tables(far, config.rotary_dim, 10_000.0, torch.float32)[1])
+    model.rope(torch.arange(145, 150)[None])  # within the cap: the table grows to the cap at most
+    assert 140 <= model._rope_tables[(torch.device("cpu"), torch.float32)][0].shape[0] <= 150
