@@ -921,6 +921,57 @@ int gather_rotary(int batch, int length, int heads, int D, int half, int out_bf1
     return 0;
 }
 
+/* gather_rotary's backward pass: the gradients of its key and value halves, grad_key and grad_value (batch, heads,
+   length, D) each, fp32 or bf16 (`grad_bf16`), unit stride along D and any other strides, added up per table row:
+   the key heads' rotated back by the negative angles, in fp32. Each thread adds into its own zeroed fp32 table of
+   grad_tables (threads, table_rows, 2 * heads * D), which the caller sums: no two threads write one address.
+   Returns 0, or 1 for unsupported sizes (the rows were checked by the forward pass). */
+int gather_rotary_backward(int batch, int length, int heads, int D, int half, int grad_bf16, int threads,
+                           const void *grad_key, const long *key_strides, const void *grad_value,
+                           const long *value_strides, const int64_t *rows, long table_rows, const float *cos,
+                           const float *sin, int table_batch, float *grad_tables) {
+    if (half < 0 || 2 * half > D || (table_batch != 1 && table_batch != batch) || threads < 1) return 1;
+    const long count = (long)batch * length, width = 2L * heads * D, element = grad_bf16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+    {
+        float *table = grad_tables + (long)omp_get_thread_num() * table_rows * width;
+#pragma omp for schedule(static)
+        for (long row = 0; row < count; row++) {
+            const long b = row / length, t = row % length;
+            const long table_at = ((table_batch == 1 ? 0 : b) * length + t) * half;
+            float *into = table + rows[row] * width;
+            for (int h = 0; h < heads; h++) {
+                const char *g = (const char *)grad_key + (b * key_strides[0] + h * key_strides[1] + t * key_strides[2]) * element;
+                const char *gv = (const char *)grad_value + (b * value_strides[0] + h * value_strides[1] + t * value_strides[2]) * element;
+                float *key = into + (long)h * D, *value = into + (long)(heads + h) * D;
+                for (int d = 0; d < half; d += 16) {
+                    const __mmask16 mask = tail_mask(half - d);
+                    const __m512 c = _mm512_maskz_loadu_ps(mask, cos + table_at + d);
+                    const __m512 s = _mm512_maskz_loadu_ps(mask, sin + table_at + d);
+                    const __m512 g1 = load_widened(g + d * element, grad_bf16, mask);
+                    const __m512 g2 = load_widened(g + (d + half) * element, grad_bf16, mask);
+                    const __m512 x1 = _mm512_add_ps(_mm512_mul_ps(g1, c), _mm512_mul_ps(g2, s));
+                    const __m512 x2 = _mm512_sub_ps(_mm512_mul_ps(g2, c), _mm512_mul_ps(g1, s));
+                    _mm512_mask_storeu_ps(key + d, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, key + d), x1));
+                    _mm512_mask_storeu_ps(key + d + half, mask,
+                                          _mm512_add_ps(_mm512_maskz_loadu_ps(mask, key + d + half), x2));
+                }
+                for (int d = 2 * half; d < D; d += 16) {
+                    const __mmask16 mask = tail_mask(D - d);
+                    const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, key + d), load_widened(g + d * element, grad_bf16, mask));
+                    _mm512_mask_storeu_ps(key + d, mask, sum);
+                }
+                for (int d = 0; d < D; d += 16) {
+                    const __mmask16 mask = tail_mask(D - d);
+                    const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, value + d), load_widened(gv + d * element, grad_bf16, mask));
+                    _mm512_mask_storeu_ps(value + d, mask, sum);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 /* Bytes of the workspace bf16_flash_attention needs for the packed keys and values. */
 long bf16_flash_attention_workspace(int batch, int heads, int num_keys, int D) {
     return 2L * sizeof(uint32_t) * batch * heads * ((num_keys + KEY_BLOCK - 1) / KEY_BLOCK) * KEY_BLOCK * (D / 2);

@@ -61,9 +61,16 @@ def _kernel():
     gather = library.gather_rotary
     gather.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
     gather.restype = ctypes.c_int
+    gather_backward = library.gather_rotary_backward
+    gather_backward.argtypes = (
+        [ctypes.c_int] * 7 + [ctypes.c_void_p, strides] * 2 + [ctypes.c_void_p, ctypes.c_long]
+    )
+    gather_backward.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p]
+    gather_backward.restype = ctypes.c_int
     return {
         "rotary": rotary,
         "gather_rotary": gather,
+        "gather_rotary_backward": gather_backward,
         torch.bfloat16: function,
         torch.float32: f32_function,
         "workspace": workspace,
@@ -138,13 +145,14 @@ def rotary_in_place(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def gathers(table: Tensor, rows: Tensor) -> bool:
-    """Whether `gather_rotary` takes these: an fp32 CPU table (V, W), int64 rows, outside autograd and tracing."""
+    """Whether `gather_rotary` and `trainable_gather_rotary` take these: an fp32 CPU table (V, W), int64 rows
+    (B, T), outside torch.compile's tracing."""
     return (
         table.device.type == rows.device.type == "cpu"
         and table.dtype == torch.float32
         and table.dim() == 2
         and rows.dtype == torch.int64
-        and not (torch.is_grad_enabled() and table.requires_grad)
+        and rows.dim() == 2
         and not torch.compiler.is_compiling()
         and available()
     )
@@ -169,6 +177,52 @@ def gather_rotary(table: Tensor, rows: Tensor, cos: Tensor, sin: Tensor, heads: 
     if status:
         raise RuntimeError(f"cpu_attention gather_rotary kernel failed with status {status}")
     return out
+
+
+class _TrainableGatherRotary(torch.autograd.Function):
+    """gather_rotary's key and value halves (B, T, W/2) each, and the backward pass into the table: one pass of C
+    each way where F.embedding, the rotation, the casts and the halves' split and concatenation took one each."""
+
+    @staticmethod
+    def forward(ctx, table, rows, cos, sin, heads, dtype):
+        rows = rows.contiguous()  # the backward kernel reads them as one run (the model's are often a slice)
+        cos, sin = (t.to(torch.float32).contiguous() for t in (cos, sin))
+        both = gather_rotary(table, rows, cos, sin, heads, dtype)
+        ctx.save_for_backward(rows, cos, sin)
+        ctx.heads, ctx.table_rows = heads, table.shape[0]
+        return tuple(both.chunk(2, dim=-1))
+
+    @staticmethod
+    def backward(ctx, grad_key, grad_value):
+        rows, cos, sin = ctx.saved_tensors
+        batch, length = rows.shape
+        width = grad_key.shape[-1]
+        head_dim = width // ctx.heads
+        if grad_value.dtype != grad_key.dtype:
+            grad_value = grad_value.to(grad_key.dtype)
+        # (B, T, W/2) -> (B, H, T, Dh) views: the kernel reads heads by strides, unit stride along Dh
+        key, value = (
+            (g if g.stride(-1) == 1 else g.contiguous()).view(batch, length, ctx.heads, head_dim).transpose(1, 2)
+            for g in (grad_key, grad_value)
+        )
+        threads = max(1, torch.get_num_threads())
+        tables = torch.zeros(threads, ctx.table_rows, 2 * width)
+        status = _kernel()["gather_rotary_backward"](
+            batch, length, ctx.heads, head_dim, cos.shape[-1], int(key.dtype == torch.bfloat16), threads,
+            key.data_ptr(), _strides(key), value.data_ptr(), _strides(value), rows.data_ptr(), ctx.table_rows,
+            cos.data_ptr(), sin.data_ptr(), cos.shape[0], tables.data_ptr(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"cpu_attention gather_rotary_backward kernel failed with status {status}")
+        return tables.sum(0) if threads > 1 else tables[0], None, None, None, None, None
+
+
+def trainable_gather_rotary(
+    table: Tensor, rows: Tensor, cos: Tensor, sin: Tensor, heads: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """gather_rotary's output split into its key and value halves (B, T, W/2) each, differentiable with respect to
+    the table (see `gathers`): its gradient is every position's gradient added into its row, in fp32."""
+    return _TrainableGatherRotary.apply(table, rows, cos, sin, heads, dtype)
 
 
 class _TrainableRotary(torch.autograd.Function):

@@ -484,10 +484,12 @@ class CrossAttentionBlock(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
         with torch.autocast(device, enabled=False):
             projected = attention.key_value(table, norm=self.norm_inputs)  # (V, 2D)
-        if cpu_attention.gathers(projected, tokens):  # inference: gather, rotate and round in one pass
-            key, value = cpu_attention.gather_rotary(projected, tokens, *rope, attention.num_heads, dtype).chunk(
-                2, -1
-            )
+        if cpu_attention.gathers(projected, tokens):  # gather, rotate and round in one pass (and one back)
+            heads = attention.num_heads
+            if torch.is_grad_enabled() and projected.requires_grad:
+                key, value = cpu_attention.trainable_gather_rotary(projected, tokens, *rope, heads, dtype)
+            else:
+                key, value = cpu_attention.gather_rotary(projected, tokens, *rope, heads, dtype).chunk(2, -1)
             return attention._heads(key), attention._heads(value)
         key, value = F.embedding(tokens, projected).chunk(2, dim=-1)
         key = rotate_projection(attention._heads(key), *rope)

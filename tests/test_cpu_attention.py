@@ -151,6 +151,40 @@ def test_gather_rotary_is_embedding_then_rotary_rounded_once(
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, rotary_dim, table_batch", [(2, 20, 2), (1, 32, 1), (3, 0, 1)])
+def test_trainable_gather_rotary_gradient_is_every_positions_added_into_its_row(
+    dtype, batch, rotary_dim, table_batch
+):
+    torch.manual_seed(rotary_dim)
+    heads, head_dim, length = 4, 64, 50
+    table = torch.randn(7, 2 * heads * head_dim, requires_grad=True)
+    rows = torch.randint(0, 7, (batch, length + 1))[:, 1:]  # a slice, as the model's often are
+    positions = torch.arange(length)[None].expand(table_batch, length) + 3
+    cos, sin = rotary_tables(positions, rotary_dim, 10_000.0, torch.float32)
+    key, value = cpu_attention.trainable_gather_rotary(table, rows, cos, sin, heads, dtype)
+    assert key.shape == value.shape == (batch, length, heads * head_dim) and key.dtype == value.dtype == dtype
+    grad_key, grad_value = (
+        torch.randn(batch, length, heads * head_dim),
+        torch.randn(batch, length, heads * head_dim),
+    )
+    # the model's path: key heads viewed (B, H, T, Dh), gradients arriving in the attention's dtype
+    heads_of = lambda x: x.view(batch, length, heads, head_dim).transpose(1, 2)  # noqa: E731
+    loss = (heads_of(key).float() * heads_of(grad_key.to(dtype)).float()).sum() + (
+        value.float() * grad_value.to(dtype).float()
+    ).sum()
+    (grad,) = torch.autograd.grad(loss, table)
+    reference_table = table.detach().clone().requires_grad_()
+    gathered = torch.nn.functional.embedding(rows, reference_table)
+    ref_key = apply_rotary(heads_of(gathered[..., : heads * head_dim]), cos, sin)
+    ref_loss = (ref_key * heads_of(grad_key.to(dtype).float())).sum() + (
+        gathered[..., heads * head_dim :] * grad_value.to(dtype).float()
+    ).sum()
+    (expected,) = torch.autograd.grad(ref_loss, reference_table)
+    torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-5)  # fp32 sums either way
+
+
+@needs_kernel
 @pytest.mark.parametrize("bad", [-1, 11])
 def test_gather_rotary_refuses_a_row_outside_the_table(bad):
     cos, sin = rotary_tables(torch.arange(4)[None], 8, 10_000.0, torch.float32)
