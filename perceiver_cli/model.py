@@ -319,9 +319,10 @@ class Attention(nn.Module):
         return mixed.transpose(1, 2).reshape(batch, n, -1)  # (B, n, D)
 
 
-# Long inputs in training. The ordinary path keeps, for every input position, its embedding, its normed copy,
-# its keys and values and the rotary copies of the keys for the backward pass: ~20 floats of d_model each, about
-# 18 KiB per token at d_model 512, which is what limits the context. The cross-attention is the only place the
+# Long inputs in training. The ordinary path keeps, for every input position, its keys and values and what the
+# attention's backward pass needs, and without the projected vocabulary (CrossAttentionBlock.vocabulary_key_value)
+# also its embedding, its normed copy and the rotary copies of the keys: 15-18 KiB per token at d_model 512,
+# which is what limits the context (BENCHMARKS.md "Very long contexts"). The cross-attention is the only place the
 # prefix is used, and its keys and values are a cheap function of the token ids (embedding -> LayerNorm ->
 # projection -> rotary), so the function below computes them chunk by chunk, keeps nothing per position but
 # the token id and position, and recomputes each chunk in the backward pass (as FlashAttention does for the
