@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perceiver_cli import PerceiverAR, PerceiverARConfig
+from perceiver_cli import PerceiverAR, PerceiverARConfig, cpu_attention
 from perceiver_cli.model import causal_attention, latent_loss, rotary_tables
 
 
@@ -206,9 +206,15 @@ def _counting_vocabulary_calls(model: PerceiverAR) -> list:
 
 
 @pytest.mark.parametrize("prefix_dropout, recompute", [(0.0, False), (0.4, False), (0.0, True)])
-def test_projected_vocabulary_matches_projecting_every_position(prefix_dropout, recompute):
+@pytest.mark.parametrize("c_passes", [True, False])
+def test_projected_vocabulary_matches_projecting_every_position(monkeypatch, prefix_dropout, recompute, c_passes):
     """Keys and values from the vocabulary's 50 projected rows instead of 194 positions' projections: the same loss
-    and gradients in training (also with prefix dropout and in the recomputing path), the same logits in eval."""
+    and gradients in training (also with prefix dropout and in the recomputing path), the same logits in eval;
+    through cpu_attention's gather passes and through PyTorch's ops (every other device, CPUs without AVX-512)."""
+    if not c_passes:
+        monkeypatch.setattr(cpu_attention, "gathers", lambda *args: False)
+    elif not cpu_attention.available():
+        pytest.skip("needs AVX512-BF16 and a C compiler")
     torch.manual_seed(0)
     config = PerceiverARConfig(
         vocab_size=50, max_context=96, num_latents=16, d_model=32, num_heads=4, num_layers=2,
