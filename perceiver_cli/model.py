@@ -671,14 +671,28 @@ class PerceiverAR(nn.Module):
         return grad and no_dropout and num_keys > self.recompute_prefix_above
 
     # Whether the cross-attention's keys and values come from the projected vocabulary (vocabulary_key_value) where
-    # that projects fewer rows than the positions; False: every position is projected (BENCHMARKS.md "Stop 35").
+    # that costs less than projecting the positions (_vocabulary_cost); False: every position is projected
+    # (BENCHMARKS.md "Stop 35").
     project_vocabulary: bool = True
+
+    def _vocabulary_cost(self, table: Tensor) -> int:
+        """How many positions' projections projecting the table costs: its rows, in fp32 like the positions; 8x
+        them under 16-bit autocast, whose products run several times fp32's speed where the table's stay fp32 (at
+        d_model 512 on an AMX CPU, 8,000 rows cost about as much as 7x as many positions in bf16; BENCHMARKS.md
+        "Stop 35", benchmarks/ab/vocabulary_size.py)."""
+        device = table.device.type
+        sixteen_bit = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32
+        return table.shape[0] * (8 if sixteen_bit else 1)
 
     def input_key_value(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """The cross-attention's keys and values (B, H, T, Dh) of tokens (B, T) at positions (B|1, T), with no
         embedding dropout (which would make them more than a function of each token)."""
         rope, table = self.rope(positions), self.embedding.weight
-        if self.project_vocabulary and table.dtype == torch.float32 and tokens.numel() > table.shape[0]:
+        if (
+            self.project_vocabulary
+            and table.dtype == torch.float32
+            and tokens.numel() > self._vocabulary_cost(table)
+        ):
             return self.cross_attention.vocabulary_key_value(table, tokens, rope)
         # the projection reads each position's row from the table itself: with cpu_linear's kernel no (B, T, D)
         # copy of the embeddings is made (a 16k prefill wrote and read 32 MB for it)

@@ -251,12 +251,21 @@ def test_projected_vocabulary_only_where_it_projects_fewer_rows_and_without_embe
     assert not calls
     model(torch.randint(0, 37, (1, 40)))
     assert len(calls) == 1
+    # under bf16 autocast the table, projected in fp32, costs 8x its rows: 40 positions no, 8 x 37 + 1 yes
+    long_model = PerceiverAR(tiny_config(max_context=400)).eval()
+    calls = _counting_vocabulary_calls(long_model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        long_model(torch.randint(0, 37, (1, 40)))
+        assert not calls
+        long_model(torch.randint(0, 37, (1, 8 * 37 + 1)))
+    assert len(calls) == 1
 
 
 def test_projected_vocabulary_under_bf16_autocast_rounds_toward_fp32():
     torch.manual_seed(0)
-    model = PerceiverAR(tiny_config()).eval()
-    tokens = torch.randint(0, 37, (2, 48))
+    model = PerceiverAR(tiny_config(max_context=200)).eval()
+    tokens = torch.randint(0, 37, (2, 200))  # 400 positions: more than 8x the 37 rows (_vocabulary_cost)
+    calls = _counting_vocabulary_calls(model)
     with torch.no_grad():
         exact = model(tokens)
         rounded = {}
@@ -264,6 +273,7 @@ def test_projected_vocabulary_under_bf16_autocast_rounds_toward_fp32():
             model.project_vocabulary = projected
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 rounded[projected] = model(tokens).float()
+    assert len(calls) == 2  # fp32 and the projected bf16 run
     error = {projected: (logits - exact).abs().max().item() for projected, logits in rounded.items()}
     assert error[True] <= 1.5 * error[False] + 1e-3, error  # keys rotated in fp32 and rounded once
     assert error[True] < 0.05, error
