@@ -8,23 +8,12 @@ of 7 prefills and of 3 training steps per round, fp32 and bf16 autocast, and the
 
 import statistics
 import sys
-import time
 
 import torch
 
-from perceiver_cli.bench.core import VOCAB, bench_config
+from perceiver_cli.bench.core import VOCAB, bench_config, best_time
 from perceiver_cli.device import autocast, keep_freed_memory
 from perceiver_cli.model import PerceiverAR, latent_loss
-
-
-def best(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(rounds: int = 6) -> None:
@@ -58,9 +47,9 @@ def main(rounds: int = 6) -> None:
             for projected in (False, True):
                 model.project_vocabulary = projected
                 model.eval()
-                times.setdefault(("prefill", dtype, projected), []).append(best(prefill, 7))
+                times.setdefault(("prefill", dtype, projected), []).append(best_time(prefill, 7))
                 model.train()
-                times.setdefault(("train", dtype, projected), []).append(best(step, 3))
+                times.setdefault(("train", dtype, projected), []).append(best_time(step, 3))
         difference = (logits[True] - logits[False]).abs().max().item()
         print(f"{str(dtype).removeprefix('torch.')}: largest logit difference {difference:.3g}")
     print(

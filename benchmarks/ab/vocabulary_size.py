@@ -6,22 +6,11 @@ in fp32 either way, so under bf16 it costs several positions' bf16 products per 
     python benchmarks/ab/vocabulary_size.py
 """
 
-import time
-
 import torch
 
+from perceiver_cli.bench.core import best_time
 from perceiver_cli.device import keep_freed_memory
 from perceiver_cli.model import PerceiverAR, PerceiverARConfig
-
-
-def best(function, repeats: int = 5) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -43,7 +32,7 @@ def main() -> None:
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                     # _vocabulary_cost bypassed: both paths timed whatever it would choose
                     model._vocabulary_cost = (lambda table: 0) if projected else model._vocabulary_cost
-                    seconds.append(best(lambda m=model, t=tokens, p=positions: m.input_key_value(t, p)))
+                    seconds.append(best_time(lambda m=model, t=tokens, p=positions: m.input_key_value(t, p), 5))
                     del model._vocabulary_cost
             print(
                 f"| {vocabulary:,} | {batch} | {batch * 4096 / vocabulary:.1f} | {str(dtype).removeprefix('torch.')} "
