@@ -205,7 +205,10 @@ class _TrainableGatherRotary(torch.autograd.Function):
             (g if g.stride(-1) == 1 else g.contiguous()).view(batch, length, ctx.heads, head_dim).transpose(1, 2)
             for g in (grad_key, grad_value)
         )
-        threads = max(1, torch.get_num_threads())
+        # each thread adds into its own table: as many as keep them within 64 MiB (a large vocabulary on many cores
+        # would zero and sum hundreds of MB for a pass that memory bandwidth limits anyway)
+        table_bytes = ctx.table_rows * 2 * width * 4
+        threads = max(1, min(torch.get_num_threads(), (64 << 20) // table_bytes))
         tables = torch.zeros(threads, ctx.table_rows, 2 * width)
         status = _kernel()["gather_rotary_backward"](
             batch, length, ctx.heads, head_dim, cos.shape[-1], int(key.dtype == torch.bfloat16), threads,

@@ -704,8 +704,9 @@ class PerceiverAR(nn.Module):
         """Forward FLOPs per trained (latent) position of one sequence, counted analytically (2 per multiply-add).
 
         Cross-attention: key/value projections for every input position (with `projected_vocabulary`, for the
-        vocabulary's rows where they are fewer: input_key_value's path) plus the queries' attention over on
-        average (context - n/2) keys; latent layers: projections + MLP + causal attention over n/2 keys.
+        vocabulary's rows where they are fewer, as input_key_value projects them where that costs less) plus the
+        queries' attention over on average (context - n/2) keys; latent layers: projections + MLP + causal
+        attention over n/2 keys.
         """
         c = self.config
         n = min(context, c.num_latents if num_latents is None else num_latents)
