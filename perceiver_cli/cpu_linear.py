@@ -152,9 +152,11 @@ def linear(
     rope: tuple[Tensor, Tensor] | None = None,
     rotary_columns: int = 0,
     head_dim: int = 0,
+    fp32_out: bool = False,
 ) -> Tensor:
     """activation(norm(x) @ weight.T) (+ residual), as F.linear under bf16 autocast computes it (see `supports`):
-    bf16, or fp32 where a residual (fp32, the output's shape) is added to the fp32 sums. `norm` (see
+    bf16, or fp32 where a residual (fp32, the output's shape) is added to the fp32 sums or `fp32_out` asks for
+    the sums themselves. `norm` (see
     `supports_norm`) is applied to each row of x as the kernel reads it. With `rows` (any shape, integer), x is
     a table (V, K) and the input is x[rows] (F.embedding's), read from the table row by row. With `rope` (see
     `supports_rotary`), the first `rotary_columns` of the output are heads of `head_dim` columns rotated as
@@ -178,11 +180,12 @@ def linear(
             with torch.autocast("cpu", enabled=False):
                 table = norm(table.float()).detach().to(torch.bfloat16)
             norm = None
-    out = torch.empty(count, out_features, dtype=torch.bfloat16 if residual is None else torch.float32)
+    out_is_bf16 = residual is None and not fp32_out
+    out = torch.empty(count, out_features, dtype=torch.bfloat16 if out_is_bf16 else torch.float32)
     job = _Linear(
         M=count, N=out_features, K=in_features, x=table.data_ptr(), x_is_bf16=int(table.dtype == torch.bfloat16),
         x_row_stride=table.stride(0), rows=None if rows is None else rows.data_ptr(),
-        packed=packed_weight(weight).data_ptr(), out=out.data_ptr(), out_is_bf16=int(residual is None),
+        packed=packed_weight(weight).data_ptr(), out=out.data_ptr(), out_is_bf16=int(out_is_bf16),
         out_row_stride=out.stride(0), activation=ACTIVATIONS[activation], threads=torch.get_num_threads(),
     )  # fmt: skip
     if norm is not None:

@@ -478,13 +478,17 @@ class CrossAttentionBlock(nn.Module):
         Before the rotary, a position's key and value depend on its token alone (embedding -> LayerNorm ->
         projection), so V projected rows serve B*T positions: the same sums per row, and at 16k positions of a
         388-token vocabulary 0.4 GFLOP where projecting every position took 17 (BENCHMARKS.md "Stop 35"). The
-        table is projected in fp32 even under autocast: V rows cost little, each position's key is rotated in
-        fp32 and rounded once, and in training the positions' gradients add up into the table's rows in fp32."""
+        projected rows are fp32 sums even under autocast: each position's key is rotated in fp32 and rounded once,
+        and in training the positions' gradients add up into the table's rows in fp32."""
         attention = self.attention
         device = table.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
-        with torch.autocast(device, enabled=False):
-            projected = attention.key_value(table, norm=self.norm_inputs)  # (V, 2D)
+        if self.projects_table_in_bf16(table):
+            # bf16 products with fp32 sums, as cpu_linear would project the positions
+            projected = cpu_linear.linear(table, attention.key_value.weight, norm=self.norm_inputs, fp32_out=True)
+        else:  # an fp32 product: a 16-bit one would round the sums before the rotation and the gradients' sums
+            with torch.autocast(device, enabled=False):
+                projected = attention.key_value(table, norm=self.norm_inputs)  # (V, 2D)
         if cpu_attention.gathers(projected, tokens):  # gather, rotate and round in one pass (and one back)
             heads = attention.num_heads
             if torch.is_grad_enabled() and projected.requires_grad:
@@ -495,6 +499,12 @@ class CrossAttentionBlock(nn.Module):
         key, value = F.embedding(tokens, projected).chunk(2, dim=-1)
         key = rotate_projection(attention._heads(key), *rope)
         return key.to(dtype), attention._heads(value).to(dtype)  # (B, H, T, Dh) each
+
+    def projects_table_in_bf16(self, table: Tensor) -> bool:
+        """Whether vocabulary_key_value projects the table with cpu_linear's bf16 products (bf16 autocast inference
+        on an AMX CPU), at a position's cost per row; elsewhere under 16-bit autocast its fp32 product costs more."""
+        weight = self.attention.key_value.weight
+        return cpu_linear.supports(table, weight) and cpu_linear.supports_norm(self.norm_inputs)
 
     def query(self, latents: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         return self.attention.project_query(latents, rope, norm=self.norm_query)  # (B, H, n, Dh)
@@ -676,13 +686,14 @@ class PerceiverAR(nn.Module):
     project_vocabulary: bool = True
 
     def _vocabulary_cost(self, table: Tensor) -> int:
-        """How many positions' projections projecting the table costs: its rows, in fp32 like the positions; 8x
-        them under 16-bit autocast, whose products run several times fp32's speed where the table's stay fp32 (at
-        d_model 512 on an AMX CPU, 8,000 rows cost about as much as 7x as many positions in bf16; BENCHMARKS.md
-        "Stop 35", benchmarks/ab/vocabulary_size.py)."""
+        """How many positions' projections projecting the table costs: its rows, in the positions' precision; 8x
+        them under 16-bit autocast where the table's product stays fp32 (training, CPUs without AMX, GPUs), whose
+        positions' products run several times faster (at d_model 512 on an AMX CPU, 8,000 rows in fp32 cost about
+        as much as 7x as many positions in bf16; BENCHMARKS.md "Stop 35", benchmarks/ab/vocabulary_size.py)."""
         device = table.device.type
         sixteen_bit = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32
-        return table.shape[0] * (8 if sixteen_bit else 1)
+        fp32_table = sixteen_bit and not self.cross_attention.projects_table_in_bf16(table)
+        return table.shape[0] * (8 if fp32_table else 1)
 
     def input_key_value(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """The cross-attention's keys and values (B, H, T, Dh) of tokens (B, T) at positions (B|1, T), with no

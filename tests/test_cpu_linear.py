@@ -166,3 +166,18 @@ def test_linear_over_two_weights_is_their_outputs_side_by_side():
         both.float(), autocast_reference(x, torch.cat((first, second / 2))), atol=2e-2, rtol=1.6e-2
     )
     torch.testing.assert_close(again[..., 24:].float(), autocast_reference(x, second), atol=4e-2, rtol=1.6e-2)
+
+
+@needs_kernel
+def test_linear_gives_its_fp32_sums():
+    """fp32_out: the sums the bf16 output rounds (the projected vocabulary's table keeps them for its rotation)."""
+    torch.manual_seed(3)
+    table, weight = torch.randn(37, 64), torch.randn(96, 64) / 8
+    norm = torch.nn.LayerNorm(64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sums = cpu_linear.linear(table, weight, norm=norm, fp32_out=True)
+        rounded = cpu_linear.linear(table, weight, norm=norm)
+        added = cpu_linear.linear(table, weight, norm=norm, residual=torch.zeros(37, 96))
+    assert sums.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert torch.equal(sums, added) and torch.equal(sums.to(torch.bfloat16), rounded)
+    torch.testing.assert_close(sums, autocast_reference(norm(table), weight), atol=2e-2, rtol=1.6e-2)

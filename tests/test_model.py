@@ -251,14 +251,21 @@ def test_projected_vocabulary_only_where_it_projects_fewer_rows_and_without_embe
     assert not calls
     model(torch.randint(0, 37, (1, 40)))
     assert len(calls) == 1
-    # under bf16 autocast the table, projected in fp32, costs 8x its rows: 40 positions no, 8 x 37 + 1 yes
-    long_model = PerceiverAR(tiny_config(max_context=400)).eval()
+    # under bf16 autocast a table projected in fp32 (in training; in inference without cpu_linear's AMX kernel)
+    # costs 8x its rows: 40 positions no, 8 x 37 + 1 yes; with the kernel's bf16 products, its rows
+    long_model = PerceiverAR(tiny_config(max_context=400))
     calls = _counting_vocabulary_calls(long_model)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        long_model(torch.randint(0, 37, (1, 40)))
-        assert not calls
-        long_model(torch.randint(0, 37, (1, 8 * 37 + 1)))
-    assert len(calls) == 1
+    for training in (True, False):
+        long_model.train(training)
+        with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+            table = long_model.embedding.weight
+            in_bf16 = long_model.cross_attention.projects_table_in_bf16(table)
+            assert not (training and in_bf16)
+            calls.clear()
+            long_model(torch.randint(0, 37, (1, 40)))
+            assert len(calls) == int(in_bf16)
+            long_model(torch.randint(0, 37, (1, 8 * 37 + 1)))
+            assert len(calls) == 1 + int(in_bf16)
 
 
 def test_projected_vocabulary_under_bf16_autocast_rounds_toward_fp32():

@@ -1,7 +1,7 @@
 """Where projecting the vocabulary stops paying: `PerceiverAR.input_key_value` (the cross-attention's keys and
 values) with every position projected and from the projected vocabulary, for larger vocabularies and batches at
-4,096 positions, d_model 512, fp32 and bf16 autocast, best of 5 (BENCHMARKS.md "Stop 35"). The table is projected
-in fp32 either way, so under bf16 it costs several positions' bf16 products per row.
+4,096 positions, d_model 512, fp32 and bf16 autocast inference, best of 5 (BENCHMARKS.md "Stop 35"). Under bf16
+on an AMX CPU the table's product runs on cpu_linear's bf16 products like the positions'; elsewhere it stays fp32.
 
     python benchmarks/ab/vocabulary_size.py
 """
