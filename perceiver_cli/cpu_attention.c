@@ -839,6 +839,24 @@ INLINE void store_values(void *at, __m512 values, int is_bf16, __mmask16 mask) {
     else _mm256_mask_storeu_epi16(at, mask, (__m256i)_mm512_cvtneps_pbh(values));
 }
 
+/* One head's first 2 * half dimensions rotated as half-split pairs (d, d + half) by the angles whose cos and sin
+   (half fp32 each) are given, times `sign` (-1: the negative angles): from fp32 or bf16 (`from_bf16`) to fp32 or
+   bf16 (`to_bf16`), the arithmetic in fp32, rounded once. to may be from itself. */
+INLINE void rotate_head(const char *from, int from_bf16, char *to, int to_bf16, int half, const float *cos,
+                        const float *sin, __m512 sign) {
+    const long from_element = from_bf16 ? 2 : 4, to_element = to_bf16 ? 2 : 4;
+    for (int d = 0; d < half; d += 16) {
+        const __mmask16 mask = tail_mask(half - d);
+        const __m512 c = _mm512_maskz_loadu_ps(mask, cos + d);
+        const __m512 s = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(mask, sin + d));
+        const __m512 x1 = load_widened(from + d * from_element, from_bf16, mask);
+        const __m512 x2 = load_widened(from + (d + half) * from_element, from_bf16, mask);
+        store_values(to + d * to_element, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)), to_bf16, mask);
+        store_values(to + (d + half) * to_element, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)), to_bf16,
+                     mask);
+    }
+}
+
 /* Rotary position encoding: out = x rotated, x and out (batch, heads, length, D), fp32 or bf16 (`is_bf16`), unit
    stride along D and any other strides; out may be x itself (in place). The first 2 * half dimensions rotate as
    half-split pairs (d, d + half) by the angles whose cos and sin are the fp32 tables (table_batch, length, half),
@@ -861,16 +879,7 @@ int rotary(int batch, int heads, int length, int D, int half, int is_bf16, int t
         for (int h = 0; h < heads; h++) {
             const char *from = (const char *)x + (b * x_strides[0] + h * x_strides[1] + t * x_strides[2]) * element;
             char *to = (char *)out + (b * out_strides[0] + h * out_strides[1] + t * out_strides[2]) * element;
-            for (int d = 0; d < half; d += 16) {
-                const __mmask16 mask = tail_mask(half - d);
-                const __m512 c = _mm512_maskz_loadu_ps(mask, cos + table_at + d);
-                const __m512 s = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(mask, sin + table_at + d));
-                const __m512 x1 = load_widened(from + d * element, is_bf16, mask);
-                const __m512 x2 = load_widened(from + (d + half) * element, is_bf16, mask);
-                store_values(to + d * element, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)), is_bf16, mask);
-                store_values(to + (d + half) * element, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)),
-                             is_bf16, mask);
-            }
+            rotate_head(from, is_bf16, to, is_bf16, half, cos + table_at, sin + table_at, sign);
             if (to != from) memcpy(to + 2 * half * element, from + 2 * half * element, (D - 2 * half) * element);
         }
     }
@@ -888,6 +897,7 @@ int gather_rotary(int batch, int length, int heads, int D, int half, int out_bf1
                   int table_batch) {
     if (half < 0 || 2 * half > D || (table_batch != 1 && table_batch != batch)) return 1;
     const long count = (long)batch * length, width = 2L * heads * D, element = out_bf16 ? 2 : 4;
+    const __m512 one = _mm512_set1_ps(1.0f);
     for (long i = 0; i < count; i++)
         if (rows[i] < 0 || rows[i] >= table_rows) return 2;
 #pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
@@ -899,15 +909,7 @@ int gather_rotary(int batch, int length, int heads, int D, int half, int out_bf1
         for (int h = 0; h < heads; h++) {
             const float *x = from + (long)h * D;
             char *y = to + (long)h * D * element;
-            for (int d = 0; d < half; d += 16) {
-                const __mmask16 mask = tail_mask(half - d);
-                const __m512 c = _mm512_maskz_loadu_ps(mask, cos + table_at + d);
-                const __m512 s = _mm512_maskz_loadu_ps(mask, sin + table_at + d);
-                const __m512 x1 = _mm512_maskz_loadu_ps(mask, x + d), x2 = _mm512_maskz_loadu_ps(mask, x + d + half);
-                store_values(y + d * element, _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s)), out_bf16, mask);
-                store_values(y + (d + half) * element, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)),
-                             out_bf16, mask);
-            }
+            rotate_head((const char *)x, 0, y, out_bf16, half, cos + table_at, sin + table_at, one);
             for (int d = 2 * half; d < D; d += 16) { /* the dimensions past the rotary ones: copied */
                 const __mmask16 mask = tail_mask(D - d);
                 store_values(y + d * element, _mm512_maskz_loadu_ps(mask, x + d), out_bf16, mask);
