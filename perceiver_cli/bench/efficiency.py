@@ -274,7 +274,7 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     device = torch.device("cpu")
     # Two ways to compute the cross-attention's keys and values: the FLOP count projects every input
     # position (the rows without a suffix, comparable with every earlier run); the model by default projects the
-    # vocabulary's rows once where they are fewer (PerceiverAR.project_vocabulary), which does fewer FLOPs in less
+    # vocabulary's rows once where that costs less (PerceiverAR.project_vocabulary), fewer FLOPs in less
     # time: its rows ("_projected_vocabulary") count the FLOPs it does.
     for name in peaks:
         dtype = torch.float32 if name == "fp32" else torch.bfloat16
