@@ -58,6 +58,11 @@ typedef struct {
     int caches_int8;  /* the key/value caches are int8: each cached row of head_dim values is followed by its
                          fp32 scale (head_dim + 4 bytes a row, cache_strides in bytes) */
     int products_amx; /* with products_bf16: multiply on AMX tiles (decode_request_amx must have succeeded) */
+    /* Cross-attention from the projected vocabulary (attend_vocabulary); vocabulary NULL: always from the caches */
+    const float *vocabulary; /* (vocab, 2D): each token's cross-attention key (before the rotary) and value */
+    int vocabulary_from;     /* attend from `vocabulary` when the window holds at least this many positions */
+    const float *rotary_cos, *rotary_sin; /* (rotary_positions, rotary_half): the tables of every position */
+    long rotary_positions;
 } Model;
 
 typedef struct {
@@ -73,6 +78,8 @@ typedef struct {
     uint16_t *rows_bf16[MAX_THREADS]; /* each thread's bf16 copy of a product's input rows (products_bf16) */
     __m512 *saved[MAX_THREADS]; /* each thread's accumulators of a product's passes between chunks (product) */
     uint32_t *columns_amx[MAX_THREADS]; /* each thread's bf16 input rows as AMX's right operand (products_amx) */
+    long position;                      /* the newest token's: the window's slot t is position - cross_length + 1 + t */
+    float *vocabulary_work[MAX_THREADS]; /* each thread's per-token tables of attend_vocabulary */
 } Step;
 
 static void barrier(Step *s) {
@@ -518,6 +525,23 @@ INLINE float row_scale(const void *cache, long at, int D) {
     return scale;
 }
 
+/* scores[t] = exp(scores[t] - max) in place; returns 1 / their sum */
+INLINE float exponentiate_scores(float *scores, long length) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (long t = 0; t < length; t += 16)
+        top = _mm512_mask_max_ps(top, tail_mask(length - t), top, _mm512_maskz_loadu_ps(tail_mask(length - t), scores + t));
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), log2e = _mm512_set1_ps(1.44269504f);
+    __m512 total = _mm512_setzero_ps();
+    for (long t = 0; t < length; t += 16) {
+        __mmask16 m = tail_mask(length - t);
+        __m512 p = exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), shift), log2e));
+        p = _mm512_maskz_mov_ps(m, p);
+        _mm512_mask_storeu_ps(scores + t, m, p);
+        total = _mm512_add_ps(total, p);
+    }
+    return 1.0f / _mm512_reduce_add_ps(total);
+}
+
 /* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V; bf16
    caches are widened to fp32 as they are loaded, like bf16 weights; int8 ones are widened and each row's dot
    product (keys) or weight (values) times the row's scale */
@@ -533,19 +557,7 @@ INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const 
             acc = _mm512_fmadd_ps(load_cache(block->keys, at + t * st[2] + d, format), _mm512_loadu_ps(q + d), acc);
         scores[t] = _mm512_reduce_add_ps(acc) * (format == 2 ? row_scale(block->keys, at + t * st[2], D) * scale : scale);
     }
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (long t = 0; t < length; t += 16)
-        top = _mm512_mask_max_ps(top, tail_mask(length - t), top, _mm512_maskz_loadu_ps(tail_mask(length - t), scores + t));
-    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), log2e = _mm512_set1_ps(1.44269504f);
-    __m512 total = _mm512_setzero_ps();
-    for (long t = 0; t < length; t += 16) {
-        __mmask16 m = tail_mask(length - t);
-        __m512 p = exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), shift), log2e));
-        p = _mm512_maskz_mov_ps(m, p);
-        _mm512_mask_storeu_ps(scores + t, m, p);
-        total = _mm512_add_ps(total, p);
-    }
-    const float inverse = 1.0f / _mm512_reduce_add_ps(total);
+    const float inverse = exponentiate_scores(scores, length);
     __m512 acc[8]; /* out += p[t] V[t] */
     for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
     for (long t = 0; t < length; t++) {
@@ -554,6 +566,75 @@ INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const 
             acc[c] = _mm512_fmadd_ps(p, load_cache(block->values, at + t * st[2] + 16 * c, format), acc[c]);
     }
     for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+}
+
+/* whole vectors of 16 floats for n */
+#define VECTORS(n) (((n) + 15) / 16 * 16)
+
+/* Floats of attend_vocabulary's tables for one (row, head), per token: A and B of its rotated pairs (below; a
+   vector of 16 for each 16 pairs), its score from the unrotated dims, its summed probability. */
+static long vocabulary_work_floats(const Model *m) { return (long)m->vocab * (2 * VECTORS(m->rotary_half) + 2); }
+
+/* One query over the window's `length` positions with their keys and values from the projected vocabulary
+   (Model.vocabulary) instead of the caches. Window slot t holds token v at absolute position p: its key is
+   row v's key rotated by p's angles, its value row v's value. With (x1, x2) a rotated pair of row v's key,
+   (q1, q2) the query's and (c, s) the pair's cos and sin at p, the pair adds to the score
+       q1 (x1 c - x2 s) + q2 (x2 c + x1 s) = c (q1 x1 + q2 x2) + s (q2 x1 - q1 x2) = c A[v] + s B[v],
+   and A, B and the unrotated dims' dot product depend on the token alone. So each (row, head) first takes them
+   for every token of the vocabulary, then a position costs two multiply-adds per 16 pairs, read from tables
+   that stay in the caches, where the cache path streams its 2 x head_dim cached numbers from memory (a third of
+   a batch-16 step's bytes); the output is the value rows weighted by each token's summed probability. */
+static void attend_vocabulary(const Step *s, int b, int h, const float *q, long length, float *scores, float *out,
+                              float *work) {
+    const Model *m = s->m;
+    const int D = m->d_model, Dh = m->head_dim, half = m->rotary_half, V = m->vocab, pairs = VECTORS(half);
+    float *AB = work, *unrotated = work + (long)V * 2 * pairs, *summed = unrotated + V;
+    float scaled[128]; /* the query times 1 / sqrt(Dh): the scores come out scaled */
+    for (int d = 0; d < Dh; d++) scaled[d] = q[d] / sqrtf((float)Dh);
+    for (int v = 0; v < V; v++) {
+        const float *key = m->vocabulary + (long)v * 2 * D + (long)h * Dh;
+        float *record = AB + (long)v * 2 * pairs;
+        for (int i = 0; i < pairs; i += 16) {
+            const __mmask16 mask = tail_mask(half - i);
+            const __m512 x1 = _mm512_maskz_loadu_ps(mask, key + i), x2 = _mm512_maskz_loadu_ps(mask, key + half + i);
+            const __m512 q1 = _mm512_maskz_loadu_ps(mask, scaled + i);
+            const __m512 q2 = _mm512_maskz_loadu_ps(mask, scaled + half + i);
+            _mm512_store_ps(record + i, _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q2, x2)));
+            _mm512_store_ps(record + pairs + i, _mm512_fmsub_ps(q2, x1, _mm512_mul_ps(q1, x2)));
+        }
+        __m512 dot = _mm512_setzero_ps();
+        for (int d = 2 * half; d < Dh; d += 16) {
+            const __mmask16 mask = tail_mask(Dh - d);
+            dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, key + d), _mm512_maskz_loadu_ps(mask, scaled + d), dot);
+        }
+        unrotated[v] = _mm512_reduce_add_ps(dot);
+        summed[v] = 0.0f;
+    }
+    const long first = s->position - (length - 1); /* the window's first position, at slot 0 */
+    const long *tokens = s->tokens + (long)b * s->token_stride - (length - 1);
+    for (long t = 0; t < length; t++) {
+        const long v = tokens[t];
+        const float *record = AB + v * 2 * pairs;
+        const float *cos = m->rotary_cos + (first + t) * half, *sin = m->rotary_sin + (first + t) * half;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < pairs; i += 16) {
+            const __mmask16 mask = tail_mask(half - i);
+            acc = _mm512_fmadd_ps(_mm512_load_ps(record + i), _mm512_maskz_loadu_ps(mask, cos + i), acc);
+            acc = _mm512_fmadd_ps(_mm512_load_ps(record + pairs + i), _mm512_maskz_loadu_ps(mask, sin + i), acc);
+        }
+        scores[t] = _mm512_reduce_add_ps(acc) + unrotated[v];
+    }
+    const float inverse = exponentiate_scores(scores, length);
+    for (long t = 0; t < length; t++) summed[tokens[t]] += scores[t];
+    __m512 acc[8]; /* out += summed[v] value[v] */
+    for (int c = 0; c < Dh / 16; c++) acc[c] = _mm512_setzero_ps();
+    for (int v = 0; v < V; v++) {
+        if (summed[v] == 0.0f) continue; /* a token not in the window */
+        const __m512 p = _mm512_set1_ps(summed[v]);
+        const float *value = m->vocabulary + (long)v * 2 * D + D + (long)h * Dh;
+        for (int c = 0; c < Dh / 16; c++) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(value + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < Dh / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
 }
 
 static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
@@ -589,6 +670,8 @@ static void attention_phase(Step *s, int id, const Block *block, int is_cross, f
     const int D = m->d_model, Dh = m->head_dim;
     const long slot = is_cross ? s->cross_length - 1 : s->num_latents;
     const long length = is_cross ? s->cross_length : s->num_latents + 1;
+    const int from_vocabulary = is_cross && m->vocabulary && length >= m->vocabulary_from;
+    float *work = s->vocabulary_work[id];
     for (int item = id; item < m->batch * m->heads; item += s->threads) {
         const int b = item / m->heads, h = item % m->heads;
         float *q = s->query + (long)b * D + h * Dh;
@@ -611,7 +694,8 @@ static void attention_phase(Step *s, int id, const Block *block, int is_cross, f
                 }
             }
         }
-        attend(s, block, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh);
+        if (from_vocabulary) attend_vocabulary(s, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh, work);
+        else attend(s, block, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh);
     }
     barrier(s);
     product(s, id, block->out, D, D, s->mixed, D, s->hidden, D, 1, 0); /* hidden += W_out mixed */
@@ -635,6 +719,7 @@ static void run_step(Step *s, int id) {
     s->rows_bf16[id] = m->products_bf16 ? aligned_alloc(64, sizeof(uint16_t) * m->batch * (m->hidden > D ? m->hidden : D)) : NULL;
     s->saved[id] = aligned_alloc(64, sizeof(__m512) * 16 * ((m->batch + 3) / 4));
     s->columns_amx[id] = m->products_amx ? aligned_alloc(64, sizeof(uint32_t) * 8 * (m->hidden > D ? m->hidden : D)) : NULL;
+    s->vocabulary_work[id] = m->vocabulary ? aligned_alloc(64, (sizeof(float) * vocabulary_work_floats(m) + 63) / 64 * 64) : NULL;
     if (m->products_amx) amx_begin();
     for (int b = id; b < m->batch; b += s->threads)
         memcpy(s->hidden + (long)b * D, m->embedding + s->tokens[b * s->token_stride] * D, sizeof(float) * D);
@@ -645,7 +730,11 @@ static void run_step(Step *s, int id) {
         layer_norm(s, s->hidden, block->norm_weight, block->norm_bias, normed);
         product(s, id, block->query, D, D, normed, D, s->query, D, 0, 0);
         if (!is_cross) product(s, id, block->key_value, 2 * D, D, normed, D, s->key_value, 2 * D, 0, 0);
-        if (is_cross && s->append) { /* the newest token as an input: LayerNorm of its embedding, keys, values */
+        if (is_cross && s->append && m->vocabulary) { /* the newest token's key (unrotated) and value: its row */
+            for (int b = id; b < m->batch; b += s->threads)
+                memcpy(s->key_value + (long)b * 2 * D, m->vocabulary + s->tokens[b * s->token_stride] * 2 * D,
+                       sizeof(float) * 2 * D);
+        } else if (is_cross && s->append) { /* the newest token as an input: LayerNorm of its embedding, keys, values */
             layer_norm(s, s->hidden, m->input_norm_weight, m->input_norm_bias, normed);
             product(s, id, block->key_value, 2 * D, D, normed, D, s->key_value, 2 * D, 0, 0);
         }
@@ -657,6 +746,7 @@ static void run_step(Step *s, int id) {
     product(s, id, m->head, m->vocab, D, normed, D, s->logits, m->vocab, 0, 0);
     if (m->products_amx) amx_end();
     free(scores), free(normed), free(s->rows_bf16[id]), free(s->saved[id]), free(s->columns_amx[id]);
+    free(s->vocabulary_work[id]);
 }
 
 /* Bytes of the workspace f32_decode_step needs. */
@@ -675,6 +765,7 @@ int f32_decode_step(const Model *m, const long *tokens, long token_stride, long 
     /* the position's rotary tables, in double and then rounded, as model.rotary_tables computes them */
     float cos_table[64], sin_table[64];
     if (m->rotary_half > 64) return 1;
+    if (m->vocabulary && (position >= m->rotary_positions || cross_length > position + 1)) return 1;
     for (int i = 0; i < m->rotary_half; i++) {
         cos_table[i] = (float)cos((double)position * m->inverse_frequencies[i]);
         sin_table[i] = (float)sin((double)position * m->inverse_frequencies[i]);
@@ -682,7 +773,7 @@ int f32_decode_step(const Model *m, const long *tokens, long token_stride, long 
     Step s = {m, tokens, token_stride, cos_table, sin_table, cross_length, num_latents, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads,
               append};
     const long B = m->batch, D = m->d_model;
-    s.logits = logits;
+    s.logits = logits, s.position = position;
     s.hidden = workspace, s.query = s.hidden + B * D, s.key_value = s.query + B * D;
     s.mixed = s.key_value + 2 * B * D, s.up = s.mixed + B * D;
     s.scores_length = ((cross_length > num_latents + 1 ? cross_length : num_latents + 1) + 15) / 16 * 16;

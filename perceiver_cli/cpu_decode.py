@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .cpu_kernels import AVX512, load
 from .device import cpu_flags
+from .model import rotary_tables
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 BF16_PRODUCTS_ROWS = 4
@@ -33,6 +34,10 @@ INT8_MAX_ROWS = 8
 # FusedSteps built while this is True run their bf16 products on AMX tiles where the CPU and Linux allow it
 # (benchmarks and tests turn it off to compare)
 amx_products = True
+# FusedSteps built while this is True take the cross-attention from the projected vocabulary (cpu_decode.c's
+# attend_vocabulary) whenever the window holds at least as many positions as the vocabulary has tokens, instead
+# of reading the cross-attention caches (benchmarks and tests turn it off to compare)
+vocabulary_attention = True
 _pointer = ctypes.c_void_p
 
 
@@ -60,6 +65,11 @@ class _Model(ctypes.Structure):
         ("weights_int8", ctypes.c_int),
         ("caches_int8", ctypes.c_int),
         ("products_amx", ctypes.c_int),
+        ("vocabulary", _pointer),
+        ("vocabulary_from", ctypes.c_int),
+        ("rotary_cos", _pointer),
+        ("rotary_sin", _pointer),
+        ("rotary_positions", ctypes.c_long),
     ]
 
 
@@ -136,7 +146,9 @@ class FusedStep:
     the weights are rounded). Embedding and norms are always the model's fp32 ones; the caches are the state's,
     fp32 or bf16 (half the bytes each step reads from them; written rounded to nearest even, like a refill's)."""
 
-    def __init__(self, model: nn.Module, state, weights: nn.Module | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, state, weights: nn.Module | None = None, vocabulary_from: int | None = None
+    ) -> None:
         c = model.config
         self.model, self.batch = model, state.batch
         self.keep: list[Tensor] = []  # every tensor whose address the kernel holds
@@ -165,12 +177,7 @@ class FusedStep:
         # where the CPU has AMX, one tdpbf16ps does a 4 x 16 x 32 block of those multiply-adds
         self.products_amx = self.products_bf16 and amx_products and amx_available()
 
-        def address(t: Tensor) -> int:
-            t = t.detach()
-            if not t.is_contiguous():
-                t = t.contiguous()
-            self.keep.append(t)
-            return t.data_ptr()
+        address = self._address
 
         def packed(linear: nn.Module) -> int:  # a copy in the layout the products stream (pack, pack_int8)
             weight = linear.weight.detach()
@@ -198,6 +205,7 @@ class FusedStep:
         self.inverse_frequencies = (ctypes.c_double * half)(
             *(c.rotary_base ** (-(2 * i) / c.rotary_dim) for i in range(half))
         )
+        vocabulary, self.vocabulary_from = self._vocabulary(model, source, state, vocabulary_from)
         self.spec = _Model(
             state.batch, c.d_model, c.num_heads, c.head_dim, half, hidden,
             c.vocab_size, c.num_layers, int(self.weights_bf16), int(state.cross_key.dtype == torch.bfloat16),
@@ -208,6 +216,7 @@ class FusedStep:
             ctypes.cast(self.blocks, ctypes.POINTER(_Block)),
             ctypes.cast(self.inverse_frequencies, ctypes.POINTER(ctypes.c_double)), int(self.weights_int8),
             int(state.cross_key.dtype == torch.int8), int(self.products_amx),
+            *vocabulary,
         )  # fmt: skip
         self.step, workspace_bytes = _kernel()[:2]
         self.workspace = torch.empty(workspace_bytes(ctypes.byref(self.spec)) // 4)
@@ -216,6 +225,38 @@ class FusedStep:
         self.spec_reference = ctypes.byref(self.spec)
         self.logits_address, self.workspace_address = self.logits.data_ptr(), self.workspace.data_ptr()
         self._checked_tokens: Tensor | None = None  # the tokens tensor last checked (DecodeState's, every step)
+
+    def _address(self, t: Tensor) -> int:
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _vocabulary(self, model: nn.Module, source: nn.Module, state, vocabulary_from: int | None) -> tuple:
+        """The spec's fields of attend_vocabulary, and from how many window positions on it runs (None: never).
+
+        The table holds, for every token, the cross-attention's key before the rotary and its value: the input
+        norm of its embedding times the key/value weight the step's products use (widened from bf16, or int8
+        times its scales), in fp32, so a step on it computes what the caches' path computes from exact
+        keys/values. Positions' rotary tables are model.rotary_tables' for every column of the state's tokens.
+        Only where the window can hold as many positions as the vocabulary has tokens: a table of 8,000 tokens
+        costs more to read per step than 4,096 cached positions."""
+        c = model.config
+        vocabulary_from = c.vocab_size if vocabulary_from is None else max(1, vocabulary_from)
+        if not vocabulary_attention or vocabulary_from > state.cross_capacity:
+            return (None, 0, None, None, 0), None
+        key_value = source.cross_attention.attention.key_value
+        weight = key_value.weight.detach().float()
+        if getattr(key_value, "scale", None) is not None:  # int8 step weights
+            weight = weight * key_value.scale[:, None]
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            normed = model.cross_attention.norm_inputs(model.embedding.weight.detach().float())
+            table = normed @ weight.T  # (V, 2D)
+            positions = torch.arange(state.tokens.shape[1])
+            cos, sin = rotary_tables(positions, c.rotary_dim, c.rotary_base, torch.float32)
+        fields = (self._address(table), vocabulary_from, self._address(cos), self._address(sin), positions.numel())
+        return fields, vocabulary_from
 
     def __call__(
         self, tokens: Tensor, position: int, cross_length: int, num_latents: int, append: bool = False
@@ -228,6 +269,8 @@ class FusedStep:
                 raise ValueError(f"tokens must be a ({self.batch}, length) int64 CPU tensor")
             if tokens.shape[0] != self.batch:
                 raise ValueError(f"tokens must be a ({self.batch}, length) int64 CPU tensor")
+            if self.vocabulary_from is not None and tokens.stride(1) != 1:  # the C step reads the window's row
+                raise ValueError("tokens must have contiguous rows where the step attends from the vocabulary")
             self._checked_tokens, self._length = tokens, tokens.shape[1]
             self._address, self._column_bytes, self._row_stride = (
                 tokens.data_ptr(),

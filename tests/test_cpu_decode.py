@@ -96,6 +96,67 @@ def test_fused_step_appends_the_newest_inputs_keys_and_values(batch):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "batch, overrides",
+    [
+        (1, {}),
+        (3, {"rotary_fraction": 1.0}),  # every dim rotated: no unrotated part
+        (5, {"rotary_fraction": 0.0, "vocab_size": 50, "mlp_ratio": 2.0}),  # nothing rotated
+        (2, {"d_model": 96, "num_heads": 1, "rotary_fraction": 0.4}),  # 19 pairs: a vector of 16 and 3 more
+        (2, {"d_model": 128, "num_heads": 4, "num_layers": 3, "tie_embeddings": False}),
+    ],
+)
+def test_fused_step_from_the_vocabulary_is_the_step_over_the_caches(batch, overrides):
+    """attend_vocabulary: every window position's key and value from the projected vocabulary and its position's
+    rotary tables, and the newest token's cache rows copied from the table and rotated: the PyTorch step over the
+    caches, which the C step does not read (zeroed before it runs)."""
+    model = random_model(batch, **overrides)
+    c = model.config
+    with torch.no_grad():
+        state, window = prefilled_state(model, batch, 50, step_model(model, torch.float32, batch))
+        fused = cpu_decode.FusedStep(model, state, vocabulary_from=1)
+        assert fused.vocabulary_from == 1
+        state.fused = False
+        for _ in range(4):
+            window = next_window(window, c.max_context, c.num_latents, None)
+            state.append_inputs(torch.randint(0, c.vocab_size, (batch, 1)))  # PyTorch writes slot cross_length - 1
+            slot = state.cross_length - 1
+            key, value = state.cross_key[:, :, : slot + 1].clone(), state.cross_value[:, :, : slot + 1].clone()
+            expected = pytorch_step_keeping_caches(state, window)
+            state.cross_key[:, :, : slot + 1], state.cross_value[:, :, : slot + 1] = 0.0, 0.0
+            got = fused(state.tokens, window.end - 1, state.cross_length, state.num_latents - 1, append=True)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(state.cross_key[:, :, slot], key[:, :, slot], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(state.cross_value[:, :, slot], value[:, :, slot], rtol=1e-4, atol=1e-5)
+            state.cross_key[:, :, :slot], state.cross_value[:, :, :slot] = key[:, :, :slot], value[:, :, :slot]
+
+
+@needs_kernel
+def test_the_step_attends_from_the_vocabulary_once_the_window_holds_as_many_positions(monkeypatch):
+    """By default from as many window positions as the vocabulary has tokens (below that the table costs more
+    to read than the caches), never where the window cannot grow that long or vocabulary_attention is off."""
+    model = random_model(0)  # 51 tokens, windows of up to 97 positions
+    with torch.no_grad():
+        state, window = prefilled_state(model, 1, 50, step_model(model, torch.float32))
+        assert state.fused.vocabulary_from == 51
+        state.fused = False  # the PyTorch steps: the reference
+        state.append_inputs(torch.randint(0, 51, (1, 1)))
+        window = next_window(window, 96, 24, None)
+        expected = pytorch_step_keeping_caches(state, window)
+        state.cross_key.zero_(), state.cross_value.zero_()  # so that a step that reads them is told apart
+        latents = [t.clone() for t in state.latent_keys + state.latent_values]
+        for vocabulary_from, reads_the_caches in ((state.cross_length + 1, True), (state.cross_length, False)):
+            for cache, before in zip(state.latent_keys + state.latent_values, latents, strict=True):
+                cache.copy_(before)
+            step = cpu_decode.FusedStep(model, state, vocabulary_from=vocabulary_from)
+            got = step(state.tokens, window.end - 1, state.cross_length, state.num_latents - 1)
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5) != reads_the_caches
+        assert cpu_decode.FusedStep(random_model(0, vocab_size=98), state).vocabulary_from is None  # > 97
+        monkeypatch.setattr(cpu_decode, "vocabulary_attention", False)
+        assert cpu_decode.FusedStep(model, state).vocabulary_from is None
+
+
+@needs_kernel
 def test_generation_with_a_stepper_runs_fused_and_keeps_the_tokens():
     """Greedy tokens with the fused steps equal the exact path's over several refills; logits to 1e-4."""
     model = random_model(0)
@@ -414,11 +475,15 @@ def test_int8_cache_rows_hold_their_scale_in_their_last_four_bytes():
 @needs_kernel
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_step_with_bf16_or_int8_caches_is_fp32_arithmetic_on_the_cached_values(batch, cache_dtype):
+def test_fused_step_with_bf16_or_int8_caches_is_fp32_arithmetic_on_the_cached_values(
+    monkeypatch, batch, cache_dtype
+):
     """bf16 caches (cache_dtype) are only widened as they are read, int8 ones (each row with its own scale)
     widened and scaled; the step's own keys and values are rounded (bf16) or quantized (int8: the C step's
     quantization is quantize_int8's) as they are written. The PyTorch step on fp32 caches holding the same values
-    agrees."""
+    agrees. (The cross-attention's caches are read only with vocabulary_attention off: by default the step takes
+    that attention's exact keys and values from the projected vocabulary and only writes its caches.)"""
+    monkeypatch.setattr(cpu_decode, "vocabulary_attention", False)
     model = random_model(batch, rotary_fraction=1.0)
     c = model.config
     stepper = step_model(model, torch.float32, batch)

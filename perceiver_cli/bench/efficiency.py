@@ -19,8 +19,11 @@ Then, for the bench config of core.py:
       fp32 weights and caches ("fused"), as `auto` runs it ("fused_auto": the weights `auto` picks and bf16
       caches, whose bytes the ceiling then counts at 2 per value) and as `--dtype int8` does ("fused_int8": int8
       caches, (head_dim + 4) / head_dim bytes a value with their scales, and int8 weights, 1 byte each and 4 per
-      output row, below cpu_decode.INT8_MAX_ROWS rows). Each decode row
-      also records the bandwidth measured right before and after it and its fraction of that ceiling (those
+      output row, below cpu_decode.INT8_MAX_ROWS rows), all three reading the cross-attention caches (the
+      issue's count). By default the C step attends from the projected vocabulary instead (cpu_decode.py's
+      vocabulary_attention): "fused_vocabulary" and "fused_auto_vocabulary" count the bytes it reads in the
+      caches' place (each row's window of token ids, the (V, 2D) table and the window's rotary tables) and also
+      give their rate against the caches' ceiling ("..._with_cross_caches"). Each decode row also records the bandwidth measured right before and after it and its fraction of that ceiling (those
       measurements count toward the run's limit too), and its "paired" fraction: one matvec is timed after every
       16 cached steps, and the steps' median rate is set against those matvecs' median (the same seconds of the
       VM's memory, and the same statistic on both sides: the run's limit is a best of 10 at its best moment).
@@ -110,6 +113,7 @@ def decode_cycle(
     cache_dtype: torch.dtype | None = None,
     refill_dtype: torch.dtype | None = None,
     pair_with=None,
+    vocabulary: bool = False,
 ) -> dict:
     """Greedy decode after a prompt of `prompt_length` tokens, timed token by token over one refill cycle.
 
@@ -118,18 +122,31 @@ def decode_cycle(
     the key/value caches' dtype where the C step runs, `refill_dtype` its refills' autocast (generate.DecodeState).
     `pair_with` (a `paired_matvec`): also time one matvec after every PAIR_EVERY cached steps (outside the steps'
     times) and give the steps' rate as a fraction of those matvecs' median rate: the ceiling of the very seconds
-    the steps ran in."""
+    the steps ran in. `vocabulary`: the C step attends from the projected vocabulary (cpu_decode.vocabulary_attention)
+    instead of reading the cross-attention caches; bytes_per_step then counts what it reads in their place."""
     # DecodeState takes the C step whenever it is given a stepper and the kernel is available
-    with contextlib.nullcontext() if fused else _without_fused_steps():
+    with contextlib.nullcontext() if fused else _without_fused_steps(), _vocabulary_attention(fused and vocabulary):
         # bf16 or int8 caches where the C step reads them (elsewhere DecodeState keeps fp32 ones); an int8 row of
         # head_dim values carries its fp32 scale
         head_dim = model.config.head_dim
         int8_bytes = (head_dim + 4) / head_dim
         cache_bytes = {torch.bfloat16: 2, torch.int8: int8_bytes}.get(cache_dtype, 4) if fused else 4
         paths = dict(cache_dtype=cache_dtype, refill_dtype=refill_dtype)
-        result = _timed_cycle(model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, paths, pair_with)
+        result = _timed_cycle(
+            model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, paths, pair_with, fused and vocabulary
+        )
         names = {2: "bfloat16", int8_bytes: "int8", 4: "float32"}
         return result | {"fused": fused, "cache_dtype": names[cache_bytes]}
+
+
+@contextlib.contextmanager
+def _vocabulary_attention(on: bool):
+    before = cpu_decode.vocabulary_attention
+    cpu_decode.vocabulary_attention = on
+    try:
+        yield
+    finally:
+        cpu_decode.vocabulary_attention = before
 
 
 PAIR_EVERY = 16  # cached steps between two paired matvecs (decode_cycle's pair_with)
@@ -144,8 +161,11 @@ def _timed_cycle(
     element: int,
     paths: dict,
     pair_with=None,
+    vocabulary: bool = False,
 ) -> dict:
-    """`element`: bytes of one cached key or value number; `paths`: generate_stream's cache_dtype, refill_dtype."""
+    """`element`: bytes of one cached key or value number; `paths`: generate_stream's cache_dtype, refill_dtype;
+    `vocabulary`: the steps attend from the projected vocabulary where the window holds as many positions as it
+    has tokens (cpu_decode.FusedStep)."""
     c = model.config
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
     prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
@@ -168,16 +188,38 @@ def _timed_cycle(
     cache_bytes = [(w.end - w.start + c.num_layers * w.num_latents) * 2 * c.d_model * element for _, w in steady]
     step_bytes = weight_bytes + batch * sum(cache_bytes) / len(cache_bytes)
     rate = batch / step_seconds
-    return {
-        "batch": batch,
-        "step_weights": "model (nn.Linear)" if step_dtype is None else str(step_dtype).removeprefix("torch."),
-        "tokens_per_s": rate,
-        "ceiling_tokens_per_s": ceiling_tokens_per_s(bandwidth, step_bytes, batch),
-        "fraction_of_ceiling": fraction_of_ceiling(rate, bandwidth, step_bytes, batch),
-        "bytes_per_step": step_bytes,
-        "tokens_per_s_with_refill": batch * len(durations) / sum(durations),
-        "cached_steps": len(steady),
-    } | (_paired(rate * step_bytes / batch, paired_rates) if paired_rates else {})
+    from_vocabulary = {}
+    if vocabulary:  # in place of the cross-attention caches: each row's window of token ids (int64), and once per
+        # step the table (V, 2D) and the window positions' rotary cos and sin (fp32)
+        read = []
+        for _, w in steady:
+            window, latents = w.end - w.start, c.num_layers * w.num_latents * 2 * c.d_model * element
+            if window < c.vocab_size:  # cpu_decode.FusedStep's rule: the caches' path
+                read.append(batch * (window * 2 * c.d_model * element + latents))
+            else:
+                read.append(
+                    batch * (window * 8 + latents) + c.vocab_size * 2 * c.d_model * 4 + window * c.rotary_dim * 4
+                )
+        from_vocabulary = {
+            "bytes_per_step_with_cross_caches": step_bytes,
+            "fraction_of_ceiling_with_cross_caches": fraction_of_ceiling(rate, bandwidth, step_bytes, batch),
+        }
+        step_bytes = weight_bytes + sum(read) / len(read)
+    return (
+        from_vocabulary
+        | {
+            "cross_attention": "vocabulary" if vocabulary else "caches",
+            "batch": batch,
+            "step_weights": "model (nn.Linear)" if step_dtype is None else str(step_dtype).removeprefix("torch."),
+            "tokens_per_s": rate,
+            "ceiling_tokens_per_s": ceiling_tokens_per_s(bandwidth, step_bytes, batch),
+            "fraction_of_ceiling": fraction_of_ceiling(rate, bandwidth, step_bytes, batch),
+            "bytes_per_step": step_bytes,
+            "tokens_per_s_with_refill": batch * len(durations) / sum(durations),
+            "cached_steps": len(steady),
+        }
+        | (_paired(rate * step_bytes / batch, paired_rates) if paired_rates else {})
+    )
 
 
 def _paired(step_rate: float, matvec_rates: list[float]) -> dict:
@@ -243,6 +285,11 @@ def use_higher_limits(
                 step = (bandwidth_again, entry["bytes_per_step"], entry["batch"])
                 entry["ceiling_tokens_per_s"] = ceiling_tokens_per_s(*step)
                 entry["fraction_of_ceiling"] = fraction_of_ceiling(entry["tokens_per_s"], *step)
+                if "bytes_per_step_with_cross_caches" in entry:
+                    step = (bandwidth_again, entry["bytes_per_step_with_cross_caches"], entry["batch"])
+                    entry["fraction_of_ceiling_with_cross_caches"] = fraction_of_ceiling(
+                        entry["tokens_per_s"], *step
+                    )
 
 
 def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=print) -> dict:
@@ -334,15 +381,22 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             steps += [("fused", torch.float32), ("fused_auto", auto)]
             if cpu_decode.supports_int8(model):  # and as `--dtype int8` decodes (runner.Loaded.stepper)
                 steps += [("fused_int8", int8_step_weights_dtype(batch, auto))]
+            # The rows above read the cross-attention caches, the bytes the issue's ceiling counts (comparable with
+            # every earlier run); by default the C step attends from the projected vocabulary instead and reads
+            # fewer: these rows give its rate against both ceilings (its own bytes and the caches')
+            steps += [("fused_vocabulary", torch.float32), ("fused_auto_vocabulary", auto)]
         for label, step_dtype in steps:
             # This VM's bandwidth moves within minutes (32-59 GB/s in one run): measure it right before and
             # after each row as well; the row's fraction of that "adjacent" ceiling says how close the code is to
             # the memory of its own minute, and every adjacent measurement also counts for the run's limit.
             before = streaming_bandwidth(parameters)
-            paths = auto_decode_dtypes(device) if label in ("fused_auto", "fused_int8") else {}
+            auto_paths = label.startswith(("fused_auto", "fused_int8"))
+            paths = auto_decode_dtypes(device) if auto_paths else {}
             paths |= {"cache_dtype": torch.int8} if label == "fused_int8" else {}
-            fused = label.startswith("fused")
-            result = decode_cycle(model, batch, step_dtype, bandwidth, fused=fused, pair_with=pair, **paths)
+            fused, vocabulary = label.startswith("fused"), label.endswith("_vocabulary")
+            result = decode_cycle(
+                model, batch, step_dtype, bandwidth, fused=fused, pair_with=pair, vocabulary=vocabulary, **paths
+            )
             adjacent = max(before, streaming_bandwidth(parameters))
             highest_adjacent = max(highest_adjacent, adjacent)
             result["bandwidth_adjacent_gb_s"] = adjacent / 1e9
