@@ -334,7 +334,7 @@ class DecodeState:
             # Stored (B, H, Dh, capacity) and handed out as a (B, H, capacity, Dh) view: a cached step's
             # attention is one query per row, and q @ K^T and p @ V stream this layout ~1.3x faster than the
             # (T, Dh) one, whose 64-float rows make the BLAS do a short reduction per key.
-            return like.new_empty(self.batch, c.num_heads, c.head_dim, capacity, dtype=dtype).transpose(-1, -2)
+            return like.new_zeros(self.batch, c.num_heads, c.head_dim, capacity, dtype=dtype).transpose(-1, -2)
 
         # Only the cross-attention cache (~4,100 keys, one write per step) is transposed. Each step also writes
         # one key and value into every latent layer's cache, one float per cache line in the transposed layout:
@@ -342,16 +342,20 @@ class DecodeState:
         # step weights (four alternated rounds; BENCHMARKS.md "Decode per-token overhead"). The fused C step
         # reads rows faster than the transposed layout (batch 16: its cross-attention 216-236 vs 294-483 ms
         # per 30 steps), so where it will run, the cross-attention cache is rows too.
-        # int8 caches (only where the C step runs): each row of head_dim values followed by its fp32 scale
+        # int8 caches (only where the C step runs): each row of head_dim values followed by its fp32 scale.
+        # Zeroed now rather than left to be touched by the steps: a step writes one new slot per row, head and
+        # layer, a fresh page every 16 steps for each, and those page faults inside the C step's parallel region
+        # cost a batch-16 cycle of the bench model 570-632 against 653-658 tokens/s zeroed (fresh processes;
+        # zeroing its 537 MB of latent caches takes ~0.1 s; BENCHMARKS.md "Stop 36")
         width = c.head_dim + 4 if dtype == torch.int8 else c.head_dim
         rows = (self.batch, c.num_heads, self.cross_capacity, width)
         if self.fused_possible and dtype in (torch.float32, torch.bfloat16, torch.int8):
-            self.cross_key, self.cross_value = like.new_empty(rows, dtype=dtype), like.new_empty(rows, dtype=dtype)
+            self.cross_key, self.cross_value = like.new_zeros(rows, dtype=dtype), like.new_zeros(rows, dtype=dtype)
         else:
             self.cross_key, self.cross_value = transposed(self.cross_capacity), transposed(self.cross_capacity)
         latent_shape = (self.batch, c.num_heads, self.latent_capacity, width)
-        self.latent_keys = [like.new_empty(latent_shape, dtype=dtype) for _ in self.model.layers]
-        self.latent_values = [like.new_empty(latent_shape, dtype=dtype) for _ in self.model.layers]
+        self.latent_keys = [like.new_zeros(latent_shape, dtype=dtype) for _ in self.model.layers]
+        self.latent_values = [like.new_zeros(latent_shape, dtype=dtype) for _ in self.model.layers]
         # With a stepper (anything but the exact reference path), every cached step is one C call where the
         # kernel is available: fp32 arithmetic, faster than any stepper's PyTorch ops (cpu_decode.py)
         fused = self.stepper is not self.model and cpu_decode.supports(self.model, self)
