@@ -9,7 +9,9 @@ accurate to ~2e-7; bf16 caches (DecodeState's cache_dtype) are read widened and 
 BF16_PRODUCTS_ROWS or more rows on bf16 weights multiply bf16-rounded inputs on AVX512-BF16 (BENCHMARKS.md
 "bf16 caches", "bf16 products"). int8 weights (an int8 step_model) and int8 caches carry an fp32 scale per row
 and are widened and scaled as they are read (`--dtype int8`, BENCHMARKS.md "Stop 30"). On CPUs with AMX those
-bf16 products run on AMX tiles (`amx_products`; BENCHMARKS.md "Stop 31").
+bf16 products run on AMX tiles (`amx_products`; BENCHMARKS.md "Stop 31"). Where the window holds at least as
+many positions as the vocabulary has tokens, the cross-attention reads no cache: its keys and values come from
+the projected vocabulary and each position's rotary tables (`vocabulary_attention`; BENCHMARKS.md "Stop 36").
 Built and loaded by cpu_kernels.py; `available()` is False where that fails.
 """
 

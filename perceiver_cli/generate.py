@@ -10,7 +10,10 @@ next refill; the model therefore always sees at least max_context - (N - R) toke
 The cross-attention keys/values of every input position are computed once, rotated at their absolute
 position, and kept in a preallocated buffer; a refill reuses them and only reruns the R latents.
 `use_cache=False` recomputes every step with a full forward over exactly the same window: the reference
-the cached path is tested against.
+the cached path is tested against. Where the fused C step runs (cpu_decode.py), a cached step does not read that
+buffer once the window holds as many positions as the vocabulary has tokens: it takes the same keys and values
+from the projected vocabulary (one row per token) and each position's rotary angles, and only writes the newest
+position's row for the refills.
 
 A cached step is matrix-vector work: each weight and cached key/value is read once for a few rows, so its
 speed is memory bandwidth. On CPUs the steps therefore run on a copy of the model whose linear layers are
