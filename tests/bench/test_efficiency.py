@@ -41,6 +41,21 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         assert auto is None or (
             auto["cache_dtype"] == "bfloat16" and auto["bytes_per_step"] < fused["bytes_per_step"]
         )
+        for label, caches in (("fused_vocabulary", fused), ("fused_auto_vocabulary", auto)):
+            # by default the C step attends from the projected vocabulary (64 tokens: every window of the cycle
+            # holds more positions): its own bytes replace the cross-attention caches' by token ids and tables,
+            # and its rate is also given against the caches' ceiling
+            row = results.get(f"decode_batch{batch}_{label}")
+            assert (row is not None) == efficiency.cpu_decode.available()
+            if row is None:
+                continue
+            assert row["cross_attention"] == "vocabulary" and caches["cross_attention"] == "caches"
+            assert row["bytes_per_step_with_cross_caches"] == caches["bytes_per_step"] > row["bytes_per_step"]
+            expected = efficiency.fraction_of_ceiling(
+                row["tokens_per_s"], results["bandwidth_gb_s"] * 1e9, caches["bytes_per_step"], batch
+            )
+            # (within rounding: the run keeps the bandwidth in GB/s)
+            assert abs(row["fraction_of_ceiling_with_cross_caches"] - expected) <= 1e-9 * expected
         int8 = results.get(f"decode_batch{batch}_fused_int8")  # as `--dtype int8` decodes: int8 caches
         assert (int8 is not None) == efficiency.cpu_decode.available()
         assert int8 is None or (int8["cache_dtype"] == "int8" and int8["bytes_per_step"] < auto["bytes_per_step"])
