@@ -545,13 +545,15 @@ INLINE float exponentiate_scores(float *scores, long length) {
 /* How far ahead of its loads the attention over a cache prefetches it. A batch's latent caches fit in this VM's
    L3 in bf16, and there the loops waited on each load's latency (perf: half of this function's samples on the
    first use of a loaded key or value); 2 KB ahead, batch-16 steps of the bench model ran 1,161-1,187 -> 1,273-1,348
-   tokens/s with bf16 caches, 709-714 -> 725-750 with fp32 ones (BENCHMARKS.md "Stop 36"). */
+   tokens/s with bf16 caches, 709-714 -> 725-750 with fp32 ones. Into L2 rather than L1 (T1): then perf put the
+   stalls on the prefetches themselves, each holding one of the core's few L1 fill buffers until its line came;
+   batch 16 3-5% faster again in three alternated rounds, batch 1 level (BENCHMARKS.md "Stop 36"). */
 #define CACHE_PREFETCH_BYTES 2048
 
-/* prefetch the cache row that starts CACHE_PREFETCH_BYTES after element `at` (of `element` bytes) */
+/* prefetch into L2 the cache row that starts CACHE_PREFETCH_BYTES after element `at` (of `element` bytes) */
 INLINE void prefetch_ahead(const void *cache, long at, int element, long row_bytes) {
     const char *ahead = (const char *)cache + at * element + CACHE_PREFETCH_BYTES;
-    for (long offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(ahead + offset, _MM_HINT_T0);
+    for (long offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(ahead + offset, _MM_HINT_T1);
 }
 
 /* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V; bf16
