@@ -26,7 +26,9 @@ Then, for the bench config of core.py:
       give their rate against the caches' ceiling ("..._with_cross_caches"). Each decode row also records the bandwidth measured right before and after it and its fraction of that ceiling (those
       measurements count toward the run's limit too), and its "paired" fraction: one matvec is timed after every
       16 cached steps, and the steps' median rate is set against those matvecs' median (the same seconds of the
-      VM's memory, and the same statistic on both sides: the run's limit is a best of 10 at its best moment).
+      VM's memory, and the same statistic on both sides: the run's limit is a best of 10 at its best moment),
+      and its fraction of the memory's read bandwidth ("dram_read", a plain sum over 1 GiB, beyond the L3): the
+      limit of steps whose bytes the L3 cannot hold (a batch-1 step, mostly served from L3, exceeds it).
 bf16 rows run only where bf16 matmuls are fast (`cpu_has_fast_bf16`) unless asked for: elsewhere a bf16 GEMM
 runs ~100x slower than fp32 and one bf16 training step at 16k would take hours.
 """
@@ -99,7 +101,7 @@ def paired_matvec(num_elements: int):
 def read_bandwidth(num_elements: int) -> float:
     """Bytes per second of a plain sum over `num_elements` fp32 values: what the memory gives one streaming read
     with no matrix structure, for comparison (the decode ceiling uses `streaming_bandwidth`, a matvec)."""
-    values = torch.randn(num_elements)
+    values = torch.full((num_elements,), 1.0)  # (a sum runs as fast over any values)
     return values.numel() * 4 / best_time(values.sum, repeats=10)
 
 
@@ -149,6 +151,7 @@ def _vocabulary_attention(on: bool):
         cpu_decode.vocabulary_attention = before
 
 
+DRAM_READ_ELEMENTS = 1 << 28  # fp32 values of the sum that measures the memory's read bandwidth (1 GiB)
 PAIR_EVERY = 16  # cached steps between two paired matvecs (decode_cycle's pair_with)
 
 
@@ -371,6 +374,11 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     bandwidth = results["bandwidth_gb_s"] * 1e9
     model.eval()
     results["read_bandwidth_gb_s"] = read_bandwidth(parameters) / 1e9
+    # The same sum over 1 GiB: more than a CPU's cores keep in L3 (a model-sized matvec, the ceiling above, can be
+    # served from L3: on the Xeon of stop 36 a sum over 100 MB read 48 GB/s, over 300 MB-2 GB 25-29 GB/s), so the
+    # memory's own read bandwidth, the limit of a step that reads more than the L3 holds (batch-16 steps)
+    dram = read_bandwidth(DRAM_READ_ELEMENTS)
+    results["dram_read_bandwidth_gb_s"] = dram / 1e9
     highest_adjacent = 0.0
     pair = paired_matvec(parameters)
     for batch in (1, 16):
@@ -399,6 +407,9 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             )
             adjacent = max(before, streaming_bandwidth(parameters))
             highest_adjacent = max(highest_adjacent, adjacent)
+            result["fraction_of_dram_read_ceiling"] = fraction_of_ceiling(
+                result["tokens_per_s"], dram, result["bytes_per_step"], batch
+            )
             result["bandwidth_adjacent_gb_s"] = adjacent / 1e9
             result["fraction_of_adjacent_ceiling"] = fraction_of_ceiling(
                 result["tokens_per_s"], adjacent, result["bytes_per_step"], batch

@@ -13,6 +13,7 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
             vocab_size=64, max_context=4096, num_latents=32, d_model=64, num_heads=2, num_layers=1
         ),
     )
+    monkeypatch.setattr(efficiency, "DRAM_READ_ELEMENTS", 1 << 20)  # (the run's own: 1 GiB)
     results = efficiency.run(context=256, bf16=False, log=lambda line: None)
     assert set(results["gemm_peak_gflops"]) == {"fp32"}
     for when in ("middle", "end"):  # the denominators are the highest of the three measurements
@@ -67,7 +68,12 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
         assert paired > 0
         expected = fp32["tokens_per_s"] * fp32["bytes_per_step"] / batch / paired
         assert abs(fp32["fraction_of_paired_ceiling"] - expected) < 1e-9 * expected
-    assert results["read_bandwidth_gb_s"] > 0
+    assert results["read_bandwidth_gb_s"] > 0 and results["dram_read_bandwidth_gb_s"] > 0
+    for name, row in results.items():  # each decode row against the memory's read bandwidth too
+        if name.startswith("decode_"):
+            dram = results["dram_read_bandwidth_gb_s"] * 1e9
+            expected = row["tokens_per_s"] * row["bytes_per_step"] / row["batch"] / dram
+            assert abs(row["fraction_of_dram_read_ceiling"] - expected) <= 1e-9 * expected
     # which of our kernels multiplied on AMX tiles: where the CPU has AMX and Linux granted its tile state
     assert results["amx"] == {
         "attention": efficiency.cpu_attention.amx_on(),
