@@ -15,7 +15,8 @@
    the cross-attention block to the cross-attention cache (keys/values of the window, the newest included:
    written by DecodeState.append_inputs, or with `append` by this step) and through each latent layer to that
    layer's cache, into which the step writes its own key and value at slot `num_latents`; then the final norm
-   and the head give its logits.
+   and the head give its logits. With Model.vocabulary, once the window is long enough, the cross-attention
+   reads no cache: the same keys and values come from the projected vocabulary (attend_vocabulary).
    Pre-LayerNorm blocks (eps from the model), rotary on the first 2 * rotary_half dims of each head in
    half-split pairs, exact GELU, nn.Linear weights without biases, packed by cpu_decode.pack (below).
    Built by perceiver_cli/cpu_kernels.py with the system C compiler; no PyTorch headers. */
@@ -542,8 +543,8 @@ INLINE float exponentiate_scores(float *scores, long length) {
     return 1.0f / _mm512_reduce_add_ps(total);
 }
 
-/* How far ahead of its loads the attention over a cache prefetches it. A batch's latent caches fit in this VM's
-   L3 in bf16, and there the loops waited on each load's latency (perf: half of this function's samples on the
+/* How far ahead of its loads the attention over a cache prefetches it. Without, its loops waited on each load's
+   latency, too few loads in flight to draw the memory's bandwidth (perf: half of this function's samples on the
    first use of a loaded key or value); 2 KB ahead, batch-16 steps of the bench model ran 1,161-1,187 -> 1,273-1,348
    tokens/s with bf16 caches, 709-714 -> 725-750 with fp32 ones. Into L2 rather than L1 (T1): then perf put the
    stalls on the prefetches themselves, each holding one of the core's few L1 fill buffers until its line came;
