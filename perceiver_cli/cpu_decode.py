@@ -179,7 +179,7 @@ class FusedStep:
         # where the CPU has AMX, one tdpbf16ps does a 4 x 16 x 32 block of those multiply-adds
         self.products_amx = self.products_bf16 and amx_products and amx_available()
 
-        address = self._address
+        address = self._hold
 
         def packed(linear: nn.Module) -> int:  # a copy in the layout the products stream (pack, pack_int8)
             weight = linear.weight.detach()
@@ -228,7 +228,8 @@ class FusedStep:
         self.logits_address, self.workspace_address = self.logits.data_ptr(), self.workspace.data_ptr()
         self._checked_tokens: Tensor | None = None  # the tokens tensor last checked (DecodeState's, every step)
 
-    def _address(self, t: Tensor) -> int:
+    def _hold(self, t: Tensor) -> int:
+        """The address of `t` (contiguous), kept alive as long as this step."""
         t = t.detach()
         if not t.is_contiguous():
             t = t.contiguous()
@@ -257,7 +258,7 @@ class FusedStep:
             table = normed @ weight.T  # (V, 2D)
             positions = torch.arange(state.tokens.shape[1])
             cos, sin = rotary_tables(positions, c.rotary_dim, c.rotary_base, torch.float32)
-        fields = (self._address(table), vocabulary_from, self._address(cos), self._address(sin), positions.numel())
+        fields = (self._hold(table), vocabulary_from, self._hold(cos), self._hold(sin), positions.numel())
         return fields, vocabulary_from
 
     def __call__(
