@@ -332,6 +332,10 @@ class DecodeState:
     def _allocate(self, like: Tensor) -> None:
         c = self.model.config
         dtype = self.cache_dtype or like.dtype
+        # Every cache is zeroed now rather than left to be touched by the steps: a step writes one new slot per
+        # row, head and layer, a fresh page every 16 steps for each, and those page faults inside the C step's
+        # parallel region cost a batch-16 cycle of the bench model 570-632 against 653-658 tokens/s zeroed (fresh
+        # processes; zeroing its 537 MB of latent caches takes ~0.1 s; BENCHMARKS.md "Stop 36")
 
         def transposed(capacity: int) -> Tensor:
             # Stored (B, H, Dh, capacity) and handed out as a (B, H, capacity, Dh) view: a cached step's
@@ -345,11 +349,7 @@ class DecodeState:
         # step weights (four alternated rounds; BENCHMARKS.md "Decode per-token overhead"). The fused C step
         # reads rows faster than the transposed layout (batch 16: its cross-attention 216-236 vs 294-483 ms
         # per 30 steps), so where it will run, the cross-attention cache is rows too.
-        # int8 caches (only where the C step runs): each row of head_dim values followed by its fp32 scale.
-        # Zeroed now rather than left to be touched by the steps: a step writes one new slot per row, head and
-        # layer, a fresh page every 16 steps for each, and those page faults inside the C step's parallel region
-        # cost a batch-16 cycle of the bench model 570-632 against 653-658 tokens/s zeroed (fresh processes;
-        # zeroing its 537 MB of latent caches takes ~0.1 s; BENCHMARKS.md "Stop 36")
+        # int8 caches (only where the C step runs): each row of head_dim values followed by its fp32 scale
         width = c.head_dim + 4 if dtype == torch.int8 else c.head_dim
         rows = (self.batch, c.num_heads, self.cross_capacity, width)
         if self.fused_possible and dtype in (torch.float32, torch.bfloat16, torch.int8):
