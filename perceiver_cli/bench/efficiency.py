@@ -19,16 +19,17 @@ Then, for the bench config of core.py:
       fp32 weights and caches ("fused"), as `auto` runs it ("fused_auto": the weights `auto` picks and bf16
       caches, whose bytes the ceiling then counts at 2 per value) and as `--dtype int8` does ("fused_int8": int8
       caches, (head_dim + 4) / head_dim bytes a value with their scales, and int8 weights, 1 byte each and 4 per
-      output row, below cpu_decode.INT8_MAX_ROWS rows), all three reading the cross-attention caches (the
-      issue's count). By default the C step attends from the projected vocabulary instead (cpu_decode.py's
+      output row, below cpu_decode.INT8_MAX_ROWS rows), all three reading the cross-attention caches (the issue's
+      count). By default the C step attends from the projected vocabulary instead (cpu_decode.py's
       vocabulary_attention): "fused_vocabulary" and "fused_auto_vocabulary" count the bytes it reads in the
       caches' place (each row's window of token ids, the (V, 2D) table and the window's rotary tables) and also
-      give their rate against the caches' ceiling ("..._with_cross_caches"). Each decode row also records the bandwidth measured right before and after it and its fraction of that ceiling (those
-      measurements count toward the run's limit too), and its "paired" fraction: one matvec is timed after every
-      16 cached steps, and the steps' median rate is set against those matvecs' median (the same seconds of the
-      VM's memory, and the same statistic on both sides: the run's limit is a best of 10 at its best moment),
-      and its fraction of the memory's read bandwidth ("dram_read", a plain sum over 1 GiB, beyond the L3): the
-      limit of steps whose bytes the L3 cannot hold (a batch-1 step, mostly served from L3, exceeds it).
+      give their rate against the caches' ceiling ("..._with_cross_caches"). Each decode row also records the
+      bandwidth measured right before and after it and its fraction of that ceiling (those measurements count
+      toward the run's limit too), and its "paired" fraction: one matvec is timed after every 16 cached steps, and
+      the steps' median rate is set against those matvecs' median (the same seconds of the VM's memory, and the
+      same statistic on both sides: the run's limit is a best of 10 at its best moment), and its fraction of the
+      memory's read bandwidth ("dram_read", a plain sum over 1 GiB, beyond the L3): the limit of steps whose bytes
+      the L3 cannot hold (a batch-1 step, mostly served from L3, exceeds it).
 bf16 rows run only where bf16 matmuls are fast (`cpu_has_fast_bf16`) unless asked for: elsewhere a bf16 GEMM
 runs ~100x slower than fp32 and one bf16 training step at 16k would take hours.
 """
@@ -375,7 +376,7 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
     model.eval()
     results["read_bandwidth_gb_s"] = read_bandwidth(parameters) / 1e9
     # The same sum over 1 GiB: more than a CPU's cores keep in L3 (a model-sized matvec, the ceiling above, can be
-    # served from L3: on the Xeon of stop 36 a sum over 100 MB read 48 GB/s, over 300 MB-2 GB 25-29 GB/s), so the
+    # served from L3: on the Xeon of stop 36 a sum over 100 MB read 52 GB/s, over 150 MB-2 GB 25-30 GB/s), so the
     # memory's own read bandwidth, the limit of a step that reads more than the L3 holds (batch-16 steps)
     dram = read_bandwidth(DRAM_READ_ELEMENTS)
     results["dram_read_bandwidth_gb_s"] = dram / 1e9
