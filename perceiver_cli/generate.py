@@ -317,6 +317,10 @@ class DecodeState:
         self.fused: cpu_decode.FusedStep | bool | None = None  # decided with the caches (_allocate)
         self.pending_append = False  # the newest token's cross-attention keys/values are left to the fused step
         self.tokens_numpy = None  # a numpy view of `tokens` (append_token)
+        # Every row holds the same tokens (one prompt for a batch of samples, as `perceiver generate -n` runs it):
+        # the prompt's keys/values and its latent pass are computed for row 0 alone and copied to every row, a
+        # batch-16 prefill in a 16th of the time. Set by generate_stream; off once the rows sample their own tokens.
+        self.shared_rows = False
         # bf16 caches halve the bytes a cached step reads from them (at batch 16, 84% of its bytes), int8 ones
         # (--dtype int8: a scale per row) nearly halve them again; only the fused C step reads them, so they are
         # kept only where it runs (None: the dtype the model computes in)
@@ -406,6 +410,8 @@ class DecodeState:
             self._append_key_values(self.tokens[:, self.length - 1 : self.length], self.length - 1)
 
     def _append_key_values(self, tokens: Tensor, start: int) -> None:
+        if self.shared_rows:
+            tokens = tokens[:1]  # stored into every row below (a broadcasting copy)
         positions = self._positions(start, start + tokens.shape[1])
         if tokens.shape[1] == 1:  # one new token is matrix-vector work, for the stepper's weights
             model = self.stepper
@@ -440,10 +446,11 @@ class DecodeState:
         self._append_pending()
         self.slide_to(window.start)
         n = window.num_latents
+        rows = slice(0, 1) if self.shared_rows else slice(None)  # row 0's pass, stored into every row
         positions = self._positions(window.end - n, window.end)
         rope = self.model.rope(positions)
-        latents = self.model.embedding(self.tokens[:, window.end - n : window.end])  # (B, n, D)
-        key, value = self.cross_key[:, :, : self.cross_length], self.cross_value[:, :, : self.cross_length]
+        latents = self.model.embedding(self.tokens[rows, window.end - n : window.end])  # (B, n, D)
+        key, value = self.cross_key[rows, :, : self.cross_length], self.cross_value[rows, :, : self.cross_length]
         if key.dtype == torch.int8:  # int8 caches: dequantized for the refill, in the dtype it computes in
             dtype = self.refill_dtype or latents.dtype
             key, value = cpu_decode.load_int8_rows(key, dtype), cpu_decode.load_int8_rows(value, dtype)
@@ -456,7 +463,11 @@ class DecodeState:
             _store(self.latent_values[index][:, :, :n], value)
             hidden = layer.finish(hidden, query, key, value)
         self.num_latents = n
-        return self.model.head(self.model.final_norm(hidden[:, -1]))
+        logits = self.model.head(self.model.final_norm(hidden[:, -1]))
+        if self.shared_rows:  # the rows sample their own next tokens from here on
+            self.shared_rows = False
+            logits = logits.expand(self.batch, -1).clone()
+        return logits
 
     def step(self, window: Window) -> Tensor:
         """One cached step: the newest position becomes one more latent. Returns its logits (B, V)."""
@@ -555,6 +566,7 @@ def generate_stream(
             cache_dtype=cache_dtype,
             refill_dtype=refill_dtype,
         )
+        state.shared_rows = batch > 1 and bool((prompt == prompt[:1]).all())
         state.tokens[:, : window.start] = prompt[:, : window.start]
         state.length = state.cross_start = window.start  # inputs before the window are never attended to
         state.append_inputs(prompt[:, window.start :])

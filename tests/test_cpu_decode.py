@@ -171,6 +171,28 @@ def test_generation_with_a_stepper_runs_fused_and_keeps_the_tokens():
 
 
 @needs_kernel
+@pytest.mark.parametrize("cache_dtype", [None, torch.int8])
+def test_one_prompt_for_a_batch_fills_every_rows_caches_for_the_fused_steps(cache_dtype):
+    """A batch of one prompt (`perceiver generate -n`) is prefilled on one row and its caches copied to all
+    (int8 ones with their scales): the fused steps then give each row what a batch of one gives it alone."""
+    model = random_model(4)
+    prompt = torch.randint(0, 51, (1, 60), generator=torch.Generator().manual_seed(8))
+    forced = torch.randint(0, 51, (4, 30), generator=torch.Generator().manual_seed(9))
+    paths = dict(cache_dtype=cache_dtype)
+
+    def run(rows: slice, stepper_rows: int) -> torch.Tensor:
+        stepper = step_model(model, torch.float32, stepper_rows)
+        prompts = prompt.repeat(len(range(4)[rows]), 1)
+        stream = generate_stream(model, prompts, 30, forced_tokens=forced[rows], stepper=stepper, **paths)
+        return torch.stack([step.logits for step in stream], dim=1)
+
+    together = run(slice(None), 4)
+    for row in range(4):
+        alone = run(slice(row, row + 1), 1)
+        torch.testing.assert_close(together[row : row + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
 def test_fused_step_checks_each_tokens_tensor_it_is_given_and_every_position():
     model = random_model(0)
     with torch.no_grad():

@@ -172,6 +172,29 @@ def test_batched_generation_matches_rows_generated_alone(model):
         assert torch.equal(generate(model, prompt[row : row + 1], 50, temperature=0), batched[row : row + 1])
 
 
+def test_one_prompt_for_a_batch_is_prefilled_once_and_every_row_keeps_its_logits(model, monkeypatch):
+    """`perceiver generate -n` gives every row the same prompt: its latent pass runs on one row and is copied to
+    all, then the rows go their own ways (forced tokens here) and each still gets the full forward's logits."""
+    prompt = torch.randint(0, 29, (1, 30), generator=torch.Generator().manual_seed(5)).repeat(3, 1)
+    forced = torch.randint(0, 29, (3, 60), generator=torch.Generator().manual_seed(6))
+    attended_rows = []
+    attend = model.cross_attention.attend
+
+    def counting_attend(latents, *args, **kwargs):
+        attended_rows.append(latents.shape[0])
+        return attend(latents, *args, **kwargs)
+
+    monkeypatch.setattr(model.cross_attention, "attend", counting_attend)
+    cached = list(generate_stream(model, prompt, 60, forced_tokens=forced))
+    refills = sum(step.window.refill for step in cached)
+    assert refills >= 3 and attended_rows[:refills] == [1] + [3] * (refills - 1)  # the prompt's pass: one row
+    monkeypatch.undo()
+    reference = list(generate_stream(model, prompt, 60, forced_tokens=forced, use_cache=False))
+    for index, (a, b) in enumerate(zip(cached, reference, strict=True)):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0, msg=f"step {index}")
+    assert torch.equal(cached[0].logits[0], cached[0].logits[2])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # sampling
 
