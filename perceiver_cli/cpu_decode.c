@@ -81,6 +81,10 @@ typedef struct {
     uint32_t *columns_amx[MAX_THREADS]; /* each thread's bf16 input rows as AMX's right operand (products_amx) */
     long position;                      /* the newest token's: the window's slot t is position - cross_length + 1 + t */
     float *vocabulary_work[MAX_THREADS]; /* each thread's per-token tables of attend_vocabulary */
+    /* Slots [0, shared) of every row's cross-attention cache / latent caches hold row 0's values (a batch of one
+       prompt: generate.DecodeState.shared_rows): rows read them from row 0, whose copy the caches then serve to
+       all rows instead of memory streaming each row's */
+    long shared_cross, shared_latents;
 } Step;
 
 static void barrier(Step *s) {
@@ -560,29 +564,31 @@ INLINE void prefetch_ahead(const void *cache, long at, int element, long row_byt
 /* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V; bf16
    caches are widened to fp32 as they are loaded, like bf16 weights; int8 ones are widened and each row's dot
    product (keys) or weight (values) times the row's scale */
-INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
-                         float *out, int format) {
+INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const float *q, long length, long shared,
+                         float *scores, float *out, int format) {
     const int D = s->m->head_dim;
     const long *st = block->cache_strides;
-    const long at = b * st[0] + h * st[1];
+    const long own = b * st[0] + h * st[1], of_row0 = h * st[1]; /* slots below `shared`: row 0's */
     const float scale = 1.0f / sqrtf((float)D);
     const int element = format == 0 ? 4 : format == 1 ? 2 : 1; /* int8 strides count bytes */
     const long row_bytes = st[2] * element;
     for (long t = 0; t < length; t++) { /* one dot product of D floats per key */
-        prefetch_ahead(block->keys, at + t * st[2], element, row_bytes);
+        const long at = (t < shared ? of_row0 : own) + t * st[2];
+        prefetch_ahead(block->keys, at, element, row_bytes);
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16)
-            acc = _mm512_fmadd_ps(load_cache(block->keys, at + t * st[2] + d, format), _mm512_loadu_ps(q + d), acc);
-        scores[t] = _mm512_reduce_add_ps(acc) * (format == 2 ? row_scale(block->keys, at + t * st[2], D) * scale : scale);
+            acc = _mm512_fmadd_ps(load_cache(block->keys, at + d, format), _mm512_loadu_ps(q + d), acc);
+        scores[t] = _mm512_reduce_add_ps(acc) * (format == 2 ? row_scale(block->keys, at, D) * scale : scale);
     }
     const float inverse = exponentiate_scores(scores, length);
     __m512 acc[8]; /* out += p[t] V[t] */
     for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
     for (long t = 0; t < length; t++) {
-        prefetch_ahead(block->values, at + t * st[2], element, row_bytes);
-        __m512 p = _mm512_set1_ps(format == 2 ? scores[t] * row_scale(block->values, at + t * st[2], D) : scores[t]);
+        const long at = (t < shared ? of_row0 : own) + t * st[2];
+        prefetch_ahead(block->values, at, element, row_bytes);
+        __m512 p = _mm512_set1_ps(format == 2 ? scores[t] * row_scale(block->values, at, D) : scores[t]);
         for (int c = 0; c < D / 16; c++)
-            acc[c] = _mm512_fmadd_ps(p, load_cache(block->values, at + t * st[2] + 16 * c, format), acc[c]);
+            acc[c] = _mm512_fmadd_ps(p, load_cache(block->values, at + 16 * c, format), acc[c]);
     }
     for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
 }
@@ -656,11 +662,11 @@ static void attend_vocabulary(const Step *s, int b, int h, const float *q, long 
     for (int c = 0; c < Dh / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
 }
 
-static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
-                   float *out) {
-    if (s->m->caches_int8) attend_cache(s, block, b, h, q, length, scores, out, 2);
-    else if (s->m->caches_bf16) attend_cache(s, block, b, h, q, length, scores, out, 1);
-    else attend_cache(s, block, b, h, q, length, scores, out, 0);
+static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, long shared,
+                   float *scores, float *out) {
+    if (s->m->caches_int8) attend_cache(s, block, b, h, q, length, shared, scores, out, 2);
+    else if (s->m->caches_bf16) attend_cache(s, block, b, h, q, length, shared, scores, out, 1);
+    else attend_cache(s, block, b, h, q, length, shared, scores, out, 0);
 }
 
 /* fp32 to bf16, rounding to nearest even as PyTorch's conversion does (the refills write bf16 caches that way) */
@@ -714,7 +720,8 @@ static void attention_phase(Step *s, int id, const Block *block, int is_cross, f
             }
         }
         if (from_vocabulary) attend_vocabulary(s, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh, work);
-        else attend(s, block, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh);
+        else attend(s, block, b, h, q, length, is_cross ? s->shared_cross : s->shared_latents, scores,
+                    s->mixed + (long)b * D + h * Dh);
     }
     barrier(s);
     product(s, id, block->out, D, D, s->mixed, D, s->hidden, D, 1, 0); /* hidden += W_out mixed */
@@ -773,9 +780,12 @@ long f32_decode_workspace(const Model *m) {
     return sizeof(float) * (long)m->batch * (5L * m->d_model + m->hidden);
 }
 
-/* Returns 0 on success, 1 for unsupported sizes. `workspace` holds f32_decode_workspace(m) bytes. */
+/* Returns 0 on success, 1 for unsupported sizes. `workspace` holds f32_decode_workspace(m) bytes. The first
+   `shared_cross` slots of the cross-attention cache and `shared_latents` of the latent caches hold the same values
+   in every row (Step.shared_cross): 0 where the rows' caches may differ. */
 int f32_decode_step(const Model *m, const long *tokens, long token_stride, long position, int cross_length,
-                    int num_latents, int append, int threads, float *logits, float *workspace) {
+                    int num_latents, int append, int threads, float *logits, float *workspace, int shared_cross,
+                    int shared_latents) {
     if (m->d_model % 16 || m->hidden % 16 || m->head_dim % 16 || m->head_dim > 128 || cross_length < 1) return 1;
     if (m->weights_bf16 && (m->d_model % 32 || m->hidden % 32)) return 1; /* bf16 blocks of 32 */
     if (m->weights_int8 && (m->d_model % 64 || m->hidden % 64 || m->weights_bf16)) return 1; /* int8: of 64 */
@@ -793,6 +803,9 @@ int f32_decode_step(const Model *m, const long *tokens, long token_stride, long 
               append};
     const long B = m->batch, D = m->d_model;
     s.logits = logits, s.position = position;
+    /* never the newest slot, each row's own token (cross) or latent */
+    s.shared_cross = shared_cross < 0 ? 0 : shared_cross < cross_length ? shared_cross : cross_length - 1;
+    s.shared_latents = shared_latents < 0 ? 0 : shared_latents < num_latents ? shared_latents : num_latents;
     s.hidden = workspace, s.query = s.hidden + B * D, s.key_value = s.query + B * D;
     s.mixed = s.key_value + 2 * B * D, s.up = s.mixed + B * D;
     s.scores_length = ((cross_length > num_latents + 1 ? cross_length : num_latents + 1) + 15) / 16 * 16;

@@ -83,7 +83,8 @@ def _kernel():
     step = library.f32_decode_step
     step.argtypes = (
         [ctypes.POINTER(_Model), _pointer, ctypes.c_long, ctypes.c_long] + [ctypes.c_int] * 4 + [_pointer] * 2
-    )
+        + [ctypes.c_int] * 2
+    )  # fmt: skip
     step.restype = ctypes.c_int
     workspace = library.f32_decode_workspace
     workspace.argtypes, workspace.restype = [ctypes.POINTER(_Model)], ctypes.c_long
@@ -262,11 +263,20 @@ class FusedStep:
         return fields, vocabulary_from
 
     def __call__(
-        self, tokens: Tensor, position: int, cross_length: int, num_latents: int, append: bool = False
+        self,
+        tokens: Tensor,
+        position: int,
+        cross_length: int,
+        num_latents: int,
+        append: bool = False,
+        shared_cross: int = 0,
+        shared_latents: int = 0,
     ) -> Tensor:
         """Logits (B, V) of the newest tokens, column `position` of `tokens` (B, T) (int64, e.g. DecodeState.tokens:
         the kernel reads the column in place); writes their latent keys/values at slot num_latents, and with
-        `append` also their cross-attention keys/values at slot cross_length - 1."""
+        `append` also their cross-attention keys/values at slot cross_length - 1. `shared_cross`/`shared_latents`:
+        that many first slots of the cross-attention / latent caches are the same in every row (one prompt for
+        the batch), so every row reads row 0's: those bytes come from memory once a step instead of once a row."""
         if tokens is not self._checked_tokens:  # checked once: after a step's memory traffic each op runs cold
             if tokens.dtype != torch.long or tokens.device.type != "cpu" or tokens.dim() != 2:
                 raise ValueError(f"tokens must be a ({self.batch}, length) int64 CPU tensor")
@@ -285,7 +295,7 @@ class FusedStep:
         status = self.step(
             self.spec_reference, self._address + position * self._column_bytes, self._row_stride, position,
             cross_length, num_latents, int(append), torch.get_num_threads(), self.logits_address,
-            self.workspace_address,
+            self.workspace_address, shared_cross, shared_latents,
         )  # fmt: skip
         if status:
             raise RuntimeError(f"cpu_decode kernel failed with status {status}")

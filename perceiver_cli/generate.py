@@ -321,6 +321,11 @@ class DecodeState:
         # the prompt's keys/values and its latent pass are computed for row 0 alone and copied to every row, a
         # batch-16 prefill in a 16th of the time. Set by generate_stream; off once the rows sample their own tokens.
         self.shared_rows = False
+        # Then the fused C step reads those rows' shared cache slots from row 0 (the caches serve row 0's copy to
+        # every row instead of memory streaming each row's): the cross-attention cache's positions before
+        # `shared_end` while they stay in the window, and the latent caches' first `shared_latents` slots until
+        # the first refill recomputes them for each row
+        self.shared_end = self.shared_latents = 0
         # bf16 caches halve the bytes a cached step reads from them (at batch 16, 84% of its bytes), int8 ones
         # (--dtype int8: a scale per row) nearly halve them again; only the fused C step reads them, so they are
         # kept only where it runs (None: the dtype the model computes in)
@@ -412,6 +417,7 @@ class DecodeState:
     def _append_key_values(self, tokens: Tensor, start: int) -> None:
         if self.shared_rows:
             tokens = tokens[:1]  # stored into every row below (a broadcasting copy)
+            self.shared_end = start + tokens.shape[1]
         positions = self._positions(start, start + tokens.shape[1])
         if tokens.shape[1] == 1:  # one new token is matrix-vector work, for the stepper's weights
             model = self.stepper
@@ -462,7 +468,7 @@ class DecodeState:
             _store(self.latent_keys[index][:, :, :n], key)
             _store(self.latent_values[index][:, :, :n], value)
             hidden = layer.finish(hidden, query, key, value)
-        self.num_latents = n
+        self.num_latents, self.shared_latents = n, n if self.shared_rows else 0
         logits = self.model.head(self.model.final_norm(hidden[:, -1]))
         if self.shared_rows:  # the rows sample their own next tokens from here on
             self.shared_rows = False
@@ -477,7 +483,11 @@ class DecodeState:
         if self.fused:
             if self.num_latents >= self.latent_capacity:  # the C step writes slot num_latents unchecked
                 raise RuntimeError(f"latent caches full ({self.latent_capacity} positions)")
-            logits = self.fused(self.tokens, position, self.cross_length, self.num_latents, self.pending_append)
+            shared_cross = max(0, self.shared_end - self.cross_start)
+            logits = self.fused(
+                self.tokens, position, self.cross_length, self.num_latents, self.pending_append, shared_cross,
+                self.shared_latents,
+            )  # fmt: skip
             self.num_latents, self.pending_append = self.num_latents + 1, False
             return logits
         rope = model.rope(self._positions(position, position + 1))

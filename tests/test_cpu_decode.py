@@ -193,6 +193,55 @@ def test_one_prompt_for_a_batch_fills_every_rows_caches_for_the_fused_steps(cach
 
 
 @needs_kernel
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.int8])
+def test_rows_read_the_shared_prompts_cache_slots_from_row_0(monkeypatch, cache_dtype):
+    """With one prompt for the batch, the fused step reads the prompt's cross-attention slots and the prompt
+    pass's latent slots from row 0 only: the other rows' copies, spoiled here, are never read; the logits are
+    those of the same state without sharing. The latent slots stop being shared at the next refill."""
+    monkeypatch.setattr(cpu_decode, "vocabulary_attention", False)  # so that the cross-attention reads its caches
+    model = random_model(6)
+    c = model.config
+    prompt = torch.randint(0, 51, (1, 50), generator=torch.Generator().manual_seed(2)).repeat(3, 1)
+    stepper = step_model(model, torch.float32, 3)
+
+    def prefilled(shared: bool) -> tuple[DecodeState, object]:
+        state = DecodeState(model, 3, 200, torch.device("cpu"), stepper, cache_dtype=cache_dtype)
+        state.shared_rows = shared
+        window = prompt_window(50, c.max_context, c.num_latents, None)
+        state.append_inputs(prompt)
+        state.latent_pass(window)
+        return state, window
+
+    with torch.no_grad():
+        shared, window = prefilled(True)
+        plain, _ = prefilled(False)
+        assert (shared.shared_end, shared.shared_latents) == (50, window.num_latents) and plain.shared_end == 0
+        caches = [shared.cross_key, shared.cross_value, *shared.latent_keys, *shared.latent_values]
+        kept = [cache.clone() for cache in caches]
+        slots = [50 if cache.shape[2] == shared.cross_capacity else window.num_latents for cache in caches]
+        for cache, count in zip(caches, slots, strict=True):
+            cache[1:, :, :count] = 127 if cache.dtype == torch.int8 else float("nan")
+        new_tokens = torch.randint(0, 51, (3, 30), generator=torch.Generator().manual_seed(3))
+        for index in range(30):
+            window = next_window(window, c.max_context, c.num_latents, None)
+            if window.refill:  # which reads every row's own copy (restored), and computes each row's latents
+                for cache, before, count in zip(caches, kept, slots, strict=True):
+                    cache[1:, :, :count] = before[1:, :, :count]
+            results = []
+            for state in (shared, plain):
+                state.append_inputs(new_tokens[:, index : index + 1])
+                results.append(state.latent_pass(window) if window.refill else state.step(window))
+            got, expected = results
+            # (the shared prefill ran at batch 1, the plain one at batch 3: sums in another order at most)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {index}")
+            assert got.isfinite().all()
+            if window.refill:
+                assert shared.shared_latents == 0 and shared.shared_end == 50
+                break
+        assert window.refill and index > 4
+
+
+@needs_kernel
 def test_fused_step_checks_each_tokens_tensor_it_is_given_and_every_position():
     model = random_model(0)
     with torch.no_grad():
