@@ -564,16 +564,16 @@ INLINE void prefetch_ahead(const void *cache, long at, int element, long row_byt
 /* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V; bf16
    caches are widened to fp32 as they are loaded, like bf16 weights; int8 ones are widened and each row's dot
    product (keys) or weight (values) times the row's scale */
-INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const float *q, long length, long shared,
-                         float *scores, float *out, int format) {
+INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
+                         float *out, int format) {
     const int D = s->m->head_dim;
     const long *st = block->cache_strides;
-    const long own = b * st[0] + h * st[1], of_row0 = h * st[1]; /* slots below `shared`: row 0's */
+    const long own = b * st[0] + h * st[1];
     const float scale = 1.0f / sqrtf((float)D);
     const int element = format == 0 ? 4 : format == 1 ? 2 : 1; /* int8 strides count bytes */
     const long row_bytes = st[2] * element;
     for (long t = 0; t < length; t++) { /* one dot product of D floats per key */
-        const long at = (t < shared ? of_row0 : own) + t * st[2];
+        const long at = own + t * st[2];
         prefetch_ahead(block->keys, at, element, row_bytes);
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16)
@@ -584,13 +584,94 @@ INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const 
     __m512 acc[8]; /* out += p[t] V[t] */
     for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
     for (long t = 0; t < length; t++) {
-        const long at = (t < shared ? of_row0 : own) + t * st[2];
+        const long at = own + t * st[2];
         prefetch_ahead(block->values, at, element, row_bytes);
         __m512 p = _mm512_set1_ps(format == 2 ? scores[t] * row_scale(block->values, at, D) : scores[t]);
         for (int c = 0; c < D / 16; c++)
             acc[c] = _mm512_fmadd_ps(p, load_cache(block->values, at + 16 * c, format), acc[c]);
     }
     for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+}
+
+/* attend_cache for the R rows b0 .. b0 + R - 1 of head h at once where the first `shared` slots of every row's
+   cache hold row 0's values (Step.shared_cross): each shared key and value is loaded once for the R rows, from
+   row 0, and each row's own slots follow as in attend_cache, in the same order of sums (the same results).
+   `scores`: R rows of `stride` floats. R * head_dim / 16 accumulators: R <= 4, and <= 2 from head_dim 128. */
+INLINE void attend_cache_rows(const Step *s, const Block *block, int b0, int R, int h, long length, long shared,
+                              float *scores, long stride, int format) {
+    const Model *m = s->m;
+    const int D = m->head_dim;
+    const long *st = block->cache_strides;
+    const float scale = 1.0f / sqrtf((float)D);
+    const int element = format == 0 ? 4 : format == 1 ? 2 : 1;
+    const long row_bytes = st[2] * element;
+    const float *q[4];
+    for (int r = 0; r < R; r++) q[r] = s->query + (long)(b0 + r) * m->d_model + h * D;
+    for (long t = 0; t < shared; t++) { /* the shared keys, row 0's */
+        const long at = h * st[1] + t * st[2];
+        prefetch_ahead(block->keys, at, element, row_bytes);
+        __m512 acc[4];
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            const __m512 k = load_cache(block->keys, at + d, format);
+            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(k, _mm512_loadu_ps(q[r] + d), acc[r]);
+        }
+        const float factor = format == 2 ? row_scale(block->keys, at, D) * scale : scale;
+        for (int r = 0; r < R; r++) scores[r * stride + t] = _mm512_reduce_add_ps(acc[r]) * factor;
+    }
+    float inverse[4];
+    for (int r = 0; r < R; r++) { /* each row's own keys, then its softmax */
+        const long own = (long)(b0 + r) * st[0] + h * st[1];
+        for (long t = shared; t < length; t++) {
+            const long at = own + t * st[2];
+            prefetch_ahead(block->keys, at, element, row_bytes);
+            __m512 acc = _mm512_setzero_ps();
+            for (int d = 0; d < D; d += 16)
+                acc = _mm512_fmadd_ps(load_cache(block->keys, at + d, format), _mm512_loadu_ps(q[r] + d), acc);
+            scores[r * stride + t] = _mm512_reduce_add_ps(acc) * (format == 2 ? row_scale(block->keys, at, D) * scale : scale);
+        }
+        inverse[r] = exponentiate_scores(scores + r * stride, length);
+    }
+    __m512 acc[4][8]; /* out[r] += p[r][t] V[t] */
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < D / 16; c++) acc[r][c] = _mm512_setzero_ps();
+    for (long t = 0; t < shared; t++) { /* the shared values, row 0's */
+        const long at = h * st[1] + t * st[2];
+        prefetch_ahead(block->values, at, element, row_bytes);
+        const float factor = format == 2 ? row_scale(block->values, at, D) : 1.0f;
+        __m512 p[4];
+        for (int r = 0; r < R; r++) p[r] = _mm512_set1_ps(format == 2 ? scores[r * stride + t] * factor : scores[r * stride + t]);
+        for (int c = 0; c < D / 16; c++) {
+            const __m512 v = load_cache(block->values, at + 16 * c, format);
+            for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(p[r], v, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++) { /* each row's own values */
+        const long own = (long)(b0 + r) * st[0] + h * st[1];
+        for (long t = shared; t < length; t++) {
+            const long at = own + t * st[2];
+            prefetch_ahead(block->values, at, element, row_bytes);
+            const float *p = scores + r * stride + t;
+            const __m512 pv = _mm512_set1_ps(format == 2 ? *p * row_scale(block->values, at, D) : *p);
+            for (int c = 0; c < D / 16; c++)
+                acc[r][c] = _mm512_fmadd_ps(pv, load_cache(block->values, at + 16 * c, format), acc[r][c]);
+        }
+        float *out = s->mixed + (long)(b0 + r) * m->d_model + h * D;
+        for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inverse[r])));
+    }
+}
+
+/* attend_cache_rows with R and the cache format constants, so that each case is its own loop */
+static void attend_rows(const Step *s, const Block *block, int b0, int R, int h, long length, long shared,
+                        float *scores, long stride) {
+    const int format = s->m->caches_int8 ? 2 : s->m->caches_bf16 ? 1 : 0;
+#define ROWS_CASE(rows, f)                                                                                        \
+    case 3 * (rows) + (f): attend_cache_rows(s, block, b0, rows, h, length, shared, scores, stride, f); break;
+    switch (3 * R + format) {
+    ROWS_CASE(1, 0) ROWS_CASE(1, 1) ROWS_CASE(1, 2) ROWS_CASE(2, 0) ROWS_CASE(2, 1) ROWS_CASE(2, 2)
+    ROWS_CASE(3, 0) ROWS_CASE(3, 1) ROWS_CASE(3, 2) ROWS_CASE(4, 0) ROWS_CASE(4, 1) ROWS_CASE(4, 2)
+    }
+#undef ROWS_CASE
 }
 
 /* whole vectors of 16 floats for n */
@@ -662,11 +743,11 @@ static void attend_vocabulary(const Step *s, int b, int h, const float *q, long 
     for (int c = 0; c < Dh / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
 }
 
-static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, long shared,
-                   float *scores, float *out) {
-    if (s->m->caches_int8) attend_cache(s, block, b, h, q, length, shared, scores, out, 2);
-    else if (s->m->caches_bf16) attend_cache(s, block, b, h, q, length, shared, scores, out, 1);
-    else attend_cache(s, block, b, h, q, length, shared, scores, out, 0);
+static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
+                   float *out) {
+    if (s->m->caches_int8) attend_cache(s, block, b, h, q, length, scores, out, 2);
+    else if (s->m->caches_bf16) attend_cache(s, block, b, h, q, length, scores, out, 1);
+    else attend_cache(s, block, b, h, q, length, scores, out, 0);
 }
 
 /* fp32 to bf16, rounding to nearest even as PyTorch's conversion does (the refills write bf16 caches that way) */
@@ -689,39 +770,54 @@ static void store_int8_row(char *row, const float *x, int D) {
     memcpy(row + D, &scale, sizeof scale);
 }
 
-/* the attention part of a block for this thread's (row, head) items, then its output projection */
+/* this step's query of (row b, head h) rotated in place; its key and value rotated and written into the block's
+   cache at `slot` */
+static void prepare_row(Step *s, const Block *block, int b, int h, int write, long slot) {
+    const Model *m = s->m;
+    const int D = m->d_model, Dh = m->head_dim;
+    rotate(s, s->query + (long)b * D + h * Dh);
+    if (!write) return;
+    float *key = s->key_value + (long)b * 2 * D + h * Dh, *value = key + D;
+    rotate(s, key);
+    const long *st = block->cache_strides, at = b * st[0] + h * st[1] + slot * st[2];
+    if (m->caches_int8) {
+        store_int8_row((char *)block->keys + at, key, Dh);
+        store_int8_row((char *)block->values + at, value, Dh);
+        return;
+    }
+    for (int d = 0; d < Dh; d++) {
+        if (m->caches_bf16) {
+            ((uint16_t *)block->keys)[at + d * st[3]] = to_bf16(key[d]);
+            ((uint16_t *)block->values)[at + d * st[3]] = to_bf16(value[d]);
+        } else {
+            ((float *)block->keys)[at + d * st[3]] = key[d];
+            ((float *)block->values)[at + d * st[3]] = value[d];
+        }
+    }
+}
+
+/* the attention part of a block for this thread's items, then its output projection. An item is one (row, head),
+   or, where the rows share their first cache slots (Step.shared_cross), a group of rows of one head, which
+   reads each shared slot once for the group (attend_rows). `scores`: SHARED_GROUP rows of s->scores_length. */
+#define SHARED_GROUP 4
 static void attention_phase(Step *s, int id, const Block *block, int is_cross, float *scores) {
     const Model *m = s->m;
     const int D = m->d_model, Dh = m->head_dim;
     const long slot = is_cross ? s->cross_length - 1 : s->num_latents;
     const long length = is_cross ? s->cross_length : s->num_latents + 1;
     const int from_vocabulary = is_cross && m->vocabulary && length >= m->vocabulary_from;
+    const long shared = from_vocabulary ? 0 : is_cross ? s->shared_cross : s->shared_latents;
+    const int group = shared > 0 ? (Dh <= 64 ? SHARED_GROUP : 2) : 1; /* attend_cache_rows' accumulators */
+    const int groups = (m->batch + group - 1) / group;
     float *work = s->vocabulary_work[id];
-    for (int item = id; item < m->batch * m->heads; item += s->threads) {
-        const int b = item / m->heads, h = item % m->heads;
-        float *q = s->query + (long)b * D + h * Dh;
-        rotate(s, q);
-        if (!is_cross || s->append) { /* this step's key and value go into the block's cache at `slot` */
-            float *key = s->key_value + (long)b * 2 * D + h * Dh, *value = key + D;
-            rotate(s, key);
-            const long *st = block->cache_strides, at = b * st[0] + h * st[1] + slot * st[2];
-            if (m->caches_int8) {
-                store_int8_row((char *)block->keys + at, key, Dh);
-                store_int8_row((char *)block->values + at, value, Dh);
-            }
-            for (int d = 0; d < Dh && !m->caches_int8; d++) {
-                if (m->caches_bf16) {
-                    ((uint16_t *)block->keys)[at + d * st[3]] = to_bf16(key[d]);
-                    ((uint16_t *)block->values)[at + d * st[3]] = to_bf16(value[d]);
-                } else {
-                    ((float *)block->keys)[at + d * st[3]] = key[d];
-                    ((float *)block->values)[at + d * st[3]] = value[d];
-                }
-            }
-        }
-        if (from_vocabulary) attend_vocabulary(s, b, h, q, length, scores, s->mixed + (long)b * D + h * Dh, work);
-        else attend(s, block, b, h, q, length, is_cross ? s->shared_cross : s->shared_latents, scores,
-                    s->mixed + (long)b * D + h * Dh);
+    for (int item = id; item < groups * m->heads; item += s->threads) {
+        const int b0 = item / m->heads * group, h = item % m->heads;
+        const int rows = m->batch - b0 < group ? m->batch - b0 : group;
+        for (int b = b0; b < b0 + rows; b++) prepare_row(s, block, b, h, !is_cross || s->append, slot);
+        float *q = s->query + (long)b0 * D + h * Dh, *out = s->mixed + (long)b0 * D + h * Dh;
+        if (shared > 0) attend_rows(s, block, b0, rows, h, length, shared, scores, s->scores_length);
+        else if (from_vocabulary) attend_vocabulary(s, b0, h, q, length, scores, out, work);
+        else attend(s, block, b0, h, q, length, scores, out);
     }
     barrier(s);
     product(s, id, block->out, D, D, s->mixed, D, s->hidden, D, 1, 0); /* hidden += W_out mixed */
@@ -740,7 +836,7 @@ static void mlp_phase(Step *s, int id, const Block *block, float *normed) {
 static void run_step(Step *s, int id) {
     const Model *m = s->m;
     const int D = m->d_model;
-    float *scores = aligned_alloc(64, sizeof(float) * s->scores_length);
+    float *scores = aligned_alloc(64, sizeof(float) * s->scores_length * SHARED_GROUP);
     float *normed = aligned_alloc(64, sizeof(float) * m->batch * D);
     s->rows_bf16[id] = m->products_bf16 ? aligned_alloc(64, sizeof(uint16_t) * m->batch * (m->hidden > D ? m->hidden : D)) : NULL;
     s->saved[id] = aligned_alloc(64, sizeof(__m512) * 16 * ((m->batch + 3) / 4));

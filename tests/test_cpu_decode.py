@@ -193,19 +193,28 @@ def test_one_prompt_for_a_batch_fills_every_rows_caches_for_the_fused_steps(cach
 
 
 @needs_kernel
-@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.int8])
-def test_rows_read_the_shared_prompts_cache_slots_from_row_0(monkeypatch, cache_dtype):
+@pytest.mark.parametrize(
+    "batch, cache_dtype, overrides",
+    [
+        (3, None, {}),  # one group of three rows (head_dim 32)
+        (6, torch.bfloat16, {}),  # groups of four and two
+        (5, torch.int8, {}),
+        (3, None, {"d_model": 256}),  # head_dim 128: groups of two
+    ],
+)
+def test_rows_read_the_shared_prompts_cache_slots_from_row_0(monkeypatch, batch, cache_dtype, overrides):
     """With one prompt for the batch, the fused step reads the prompt's cross-attention slots and the prompt
-    pass's latent slots from row 0 only: the other rows' copies, spoiled here, are never read; the logits are
-    those of the same state without sharing. The latent slots stop being shared at the next refill."""
+    pass's latent slots from row 0 only (once for each group of rows of a head): the other rows' copies, spoiled
+    here, are never read; the logits are those of the same state without sharing. The latent slots stop being
+    shared at the next refill."""
     monkeypatch.setattr(cpu_decode, "vocabulary_attention", False)  # so that the cross-attention reads its caches
-    model = random_model(6)
+    model = random_model(6, **overrides)
     c = model.config
-    prompt = torch.randint(0, 51, (1, 50), generator=torch.Generator().manual_seed(2)).repeat(3, 1)
-    stepper = step_model(model, torch.float32, 3)
+    prompt = torch.randint(0, 51, (1, 50), generator=torch.Generator().manual_seed(2)).repeat(batch, 1)
+    stepper = step_model(model, torch.float32, batch)
 
     def prefilled(shared: bool) -> tuple[DecodeState, object]:
-        state = DecodeState(model, 3, 200, torch.device("cpu"), stepper, cache_dtype=cache_dtype)
+        state = DecodeState(model, batch, 200, torch.device("cpu"), stepper, cache_dtype=cache_dtype)
         state.shared_rows = shared
         window = prompt_window(50, c.max_context, c.num_latents, None)
         state.append_inputs(prompt)
@@ -221,7 +230,7 @@ def test_rows_read_the_shared_prompts_cache_slots_from_row_0(monkeypatch, cache_
         slots = [50 if cache.shape[2] == shared.cross_capacity else window.num_latents for cache in caches]
         for cache, count in zip(caches, slots, strict=True):
             cache[1:, :, :count] = 127 if cache.dtype == torch.int8 else float("nan")
-        new_tokens = torch.randint(0, 51, (3, 30), generator=torch.Generator().manual_seed(3))
+        new_tokens = torch.randint(0, 51, (batch, 30), generator=torch.Generator().manual_seed(3))
         for index in range(30):
             window = next_window(window, c.max_context, c.num_latents, None)
             if window.refill:  # which reads every row's own copy (restored), and computes each row's latents
