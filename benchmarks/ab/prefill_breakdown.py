@@ -1,11 +1,14 @@
 """Where a 16k bf16 prefill of the bench model spends its time among our kernels: each call of cpu_linear's and
 cpu_attention's kernels timed in the model (the per-call minimum over 7 prefills), summed by shape, and the time
-between calls (BENCHMARKS.md "Stop 34").
+between calls (BENCHMARKS.md "Stop 34"). With `fp32`: an fp32 prefill that projects every position's keys and
+values (the issue's count, `perceiver bench --efficiency`'s prefill_fp32 row), its products (F.linear) timed too
+(BENCHMARKS.md "Stop 37").
 
-    python benchmarks/ab/prefill_breakdown.py
+    python benchmarks/ab/prefill_breakdown.py [fp32]
 """
 
 import collections
+import sys
 import time
 
 import torch
@@ -16,10 +19,12 @@ from perceiver_cli.device import autocast, keep_freed_memory
 from perceiver_cli.model import PerceiverAR
 
 
-def main() -> None:
+def main(fp32: bool = False) -> None:
     keep_freed_memory()
+    torch.set_num_threads(2)
     torch.manual_seed(0)
     model = PerceiverAR(bench_config(16384)).eval()
+    model.project_vocabulary = not fp32
     tokens = torch.randint(0, VOCAB, (1, 16384))
     log: list = []
 
@@ -43,9 +48,11 @@ def main() -> None:
     )
     timed(cpu_attention, "attention", lambda a: f"attention over {a[1].shape[-2]} keys")
     timed(cpu_attention, "rotary_in_place", lambda a: f"rotary of {a[0].shape[-2]} rows")
+    if fp32:
+        timed(torch.nn.functional, "linear", lambda a: f"F.linear {tuple(a[0].shape[-2:])} -> {a[1].shape[0]}")
 
     def prefill():
-        with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
+        with torch.no_grad(), autocast(torch.device("cpu"), torch.float32 if fp32 else torch.bfloat16):
             model(tokens)
 
     for _ in range(3):
@@ -71,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] == ["fp32"])
