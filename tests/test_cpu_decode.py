@@ -171,19 +171,33 @@ def test_generation_with_a_stepper_runs_fused_and_keeps_the_tokens():
 
 
 @needs_kernel
-@pytest.mark.parametrize("cache_dtype", [None, torch.int8])
-def test_one_prompt_for_a_batch_fills_every_rows_caches_for_the_fused_steps(cache_dtype):
+@pytest.mark.parametrize(
+    "cache_dtype, prompt_length, vocabulary",
+    [
+        (None, 60, True),
+        (torch.int8, 60, True),
+        # longer than the context (96): the window starts inside the prompt and slides past it at the refills,
+        # with the cross-attention read from its caches, whose prompt slots are shared until they leave the window
+        (None, 150, False),
+        (torch.bfloat16, 150, False),
+    ],
+)
+def test_one_prompt_for_a_batch_fills_every_rows_caches_for_the_fused_steps(
+    monkeypatch, cache_dtype, prompt_length, vocabulary
+):
     """A batch of one prompt (`perceiver generate -n`) is prefilled on one row and its caches copied to all
-    (int8 ones with their scales): the fused steps then give each row what a batch of one gives it alone."""
+    (int8 ones with their scales), and the fused steps read the shared slots from row 0: each row still gets
+    what a batch of one gives it alone."""
+    monkeypatch.setattr(cpu_decode, "vocabulary_attention", vocabulary)
     model = random_model(4)
-    prompt = torch.randint(0, 51, (1, 60), generator=torch.Generator().manual_seed(8))
-    forced = torch.randint(0, 51, (4, 30), generator=torch.Generator().manual_seed(9))
+    prompt = torch.randint(0, 51, (1, prompt_length), generator=torch.Generator().manual_seed(8))
+    forced = torch.randint(0, 51, (4, 60), generator=torch.Generator().manual_seed(9))
     paths = dict(cache_dtype=cache_dtype)
 
     def run(rows: slice, stepper_rows: int) -> torch.Tensor:
         stepper = step_model(model, torch.float32, stepper_rows)
         prompts = prompt.repeat(len(range(4)[rows]), 1)
-        stream = generate_stream(model, prompts, 30, forced_tokens=forced[rows], stepper=stepper, **paths)
+        stream = generate_stream(model, prompts, 60, forced_tokens=forced[rows], stepper=stepper, **paths)
         return torch.stack([step.logits for step in stream], dim=1)
 
     together = run(slice(None), 4)
