@@ -117,6 +117,7 @@ def decode_cycle(
     refill_dtype: torch.dtype | None = None,
     pair_with=None,
     vocabulary: bool = False,
+    one_prompt: bool = False,
 ) -> dict:
     """Greedy decode after a prompt of `prompt_length` tokens, timed token by token over one refill cycle.
 
@@ -126,7 +127,10 @@ def decode_cycle(
     `pair_with` (a `paired_matvec`): also time one matvec after every PAIR_EVERY cached steps (outside the steps'
     times) and give the steps' rate as a fraction of those matvecs' median rate: the ceiling of the very seconds
     the steps ran in. `vocabulary`: the C step attends from the projected vocabulary (cpu_decode.vocabulary_attention)
-    instead of reading the cross-attention caches; bytes_per_step then counts what it reads in their place."""
+    instead of reading the cross-attention caches; bytes_per_step then counts what it reads in their place.
+    `one_prompt`: every row has the same prompt (as `perceiver generate -n` samples): the C step reads the prompt
+    pass's latent cache slots once for all rows (generate.DecodeState.shared_rows), and bytes_per_step counts
+    them once."""
     # DecodeState takes the C step whenever it is given a stepper and the kernel is available
     with contextlib.nullcontext() if fused else _without_fused_steps(), _vocabulary_attention(fused and vocabulary):
         # bf16 or int8 caches where the C step reads them (elsewhere DecodeState keeps fp32 ones); an int8 row of
@@ -136,8 +140,9 @@ def decode_cycle(
         cache_bytes = {torch.bfloat16: 2, torch.int8: int8_bytes}.get(cache_dtype, 4) if fused else 4
         paths = dict(cache_dtype=cache_dtype, refill_dtype=refill_dtype)
         result = _timed_cycle(
-            model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, paths, pair_with, fused and vocabulary
-        )
+            model, batch, step_dtype, bandwidth, prompt_length, cache_bytes, paths, pair_with, fused and vocabulary,
+            one_prompt,
+        )  # fmt: skip
         names = {2: "bfloat16", int8_bytes: "int8", 4: "float32"}
         return result | {"fused": fused, "cache_dtype": names[cache_bytes]}
 
@@ -166,17 +171,23 @@ def _timed_cycle(
     paths: dict,
     pair_with=None,
     vocabulary: bool = False,
+    one_prompt: bool = False,
 ) -> dict:
     """`element`: bytes of one cached key or value number; `paths`: generate_stream's cache_dtype, refill_dtype;
     `vocabulary`: the steps attend from the projected vocabulary where the window holds as many positions as it
-    has tokens (cpu_decode.FusedStep)."""
+    has tokens (cpu_decode.FusedStep); `one_prompt`: one prompt for every row (decode_cycle)."""
     c = model.config
     cycle = c.num_latents - c.num_latents // 2  # cached steps between two refills
-    prompt = torch.randint(0, VOCAB, (batch, prompt_length), generator=torch.Generator().manual_seed(0))
+    rows = 1 if one_prompt else batch
+    prompt = torch.randint(0, VOCAB, (rows, prompt_length), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.expand(batch, -1).contiguous()
     durations, windows, paired_rates = [], [], []
     stepper = None if step_dtype is None else step_model(model, step_dtype, batch)
     options = SamplingOptions(temperature=0)
-    stream = generate_stream(model, prompt, cycle + 2, options, stepper=stepper, **paths)
+    # one prompt: greedy rows would all draw the same tokens; each row is given its own (as sampling makes them)
+    generator = torch.Generator().manual_seed(1)
+    forced = torch.randint(0, VOCAB, (batch, cycle + 2), generator=generator) if one_prompt else None
+    stream = generate_stream(model, prompt, cycle + 2, options, stepper=stepper, forced_tokens=forced, **paths)
     start = time.perf_counter()
     for step in stream:  # token 1 is the prompt's prefill; the cycle's refill and cached steps follow
         durations.append(time.perf_counter() - start)
@@ -196,8 +207,12 @@ def _timed_cycle(
     if vocabulary:  # in place of the cross-attention caches: each row's window of token ids (int64), and once per
         # step the table (V, 2D) and the window positions' rotary cos and sin (fp32)
         read = []
+        # one prompt: the prompt pass's latent slots (those of the first window), read once for every row over
+        # this cycle (the steady steps all come before its refill)
+        shared = windows[0].num_latents if one_prompt else 0
         for _, w in steady:
-            window, latents = w.end - w.start, c.num_layers * w.num_latents * 2 * c.d_model * element
+            window = w.end - w.start
+            latents = c.num_layers * (w.num_latents - shared * (batch - 1) / batch) * 2 * c.d_model * element
             if window < c.vocab_size:  # cpu_decode.FusedStep's rule: the caches' path
                 read.append(batch * (window * 2 * c.d_model * element + latents))
             else:
@@ -213,6 +228,7 @@ def _timed_cycle(
         from_vocabulary
         | {
             "cross_attention": "vocabulary" if vocabulary else "caches",
+            "prompts": "one for every row" if one_prompt else "one per row",
             "batch": batch,
             "step_weights": "model (nn.Linear)" if step_dtype is None else str(step_dtype).removeprefix("torch."),
             "tokens_per_s": rate,
@@ -394,6 +410,8 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             # every earlier run); by default the C step attends from the projected vocabulary instead and reads
             # fewer: these rows give its rate against both ceilings (its own bytes and the caches')
             steps += [("fused_vocabulary", torch.float32), ("fused_auto_vocabulary", auto)]
+            if batch > 1:  # and batch sampling from one prompt, whose cached slots the rows share (stop 37)
+                steps += [("fused_vocabulary_one_prompt", torch.float32)]
         for label, step_dtype in steps:
             # This VM's bandwidth moves within minutes (32-59 GB/s in one run): measure it right before and
             # after each row as well; the row's fraction of that "adjacent" ceiling says how close the code is to
@@ -402,10 +420,12 @@ def run(context: int = 16384, threads: int = 2, bf16: bool | None = None, log=pr
             auto_paths = label.startswith(("fused_auto", "fused_int8"))
             paths = auto_decode_dtypes(device) if auto_paths else {}
             paths |= {"cache_dtype": torch.int8} if label == "fused_int8" else {}
-            fused, vocabulary = label.startswith("fused"), label.endswith("_vocabulary")
+            fused, vocabulary = label.startswith("fused"), "_vocabulary" in label
+            one_prompt = label.endswith("_one_prompt")
             result = decode_cycle(
-                model, batch, step_dtype, bandwidth, fused=fused, pair_with=pair, vocabulary=vocabulary, **paths
-            )
+                model, batch, step_dtype, bandwidth, fused=fused, pair_with=pair, vocabulary=vocabulary,
+                one_prompt=one_prompt, **paths,
+            )  # fmt: skip
             adjacent = max(before, streaming_bandwidth(parameters))
             highest_adjacent = max(highest_adjacent, adjacent)
             result["fraction_of_dram_read_ceiling"] = fraction_of_ceiling(

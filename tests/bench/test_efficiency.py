@@ -57,6 +57,16 @@ def test_efficiency_run_measures_every_row_against_the_highest_limits(monkeypatc
             )
             # (within rounding: the run keeps the bandwidth in GB/s)
             assert abs(row["fraction_of_ceiling_with_cross_caches"] - expected) <= 1e-9 * expected
+        # batch sampling from one prompt: the prompt pass's 16 latent slots of the one layer, read once for all
+        # rows (16 x (batch - 1) rows of 2 x 64 fp32 fewer a step); the bytes as for one prompt per row
+        one_prompt = results.get(f"decode_batch{batch}_fused_vocabulary_one_prompt")
+        assert (one_prompt is not None) == (batch > 1 and efficiency.cpu_decode.available())
+        if one_prompt is not None:
+            vocabulary = results[f"decode_batch{batch}_fused_vocabulary"]
+            assert (one_prompt["prompts"], vocabulary["prompts"]) == ("one for every row", "one per row")
+            saved = 16 * (batch - 1) * 2 * 64 * 4
+            assert abs(vocabulary["bytes_per_step"] - one_prompt["bytes_per_step"] - saved) < 1e-6 * saved
+            assert one_prompt["bytes_per_step_with_cross_caches"] == fused["bytes_per_step"]
         int8 = results.get(f"decode_batch{batch}_fused_int8")  # as `--dtype int8` decodes: int8 caches
         assert (int8 is not None) == efficiency.cpu_decode.available()
         assert int8 is None or (int8["cache_dtype"] == "int8" and int8["bytes_per_step"] < auto["bytes_per_step"])
