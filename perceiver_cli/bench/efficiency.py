@@ -23,7 +23,9 @@ Then, for the bench config of core.py:
       count). By default the C step attends from the projected vocabulary instead (cpu_decode.py's
       vocabulary_attention): "fused_vocabulary" and "fused_auto_vocabulary" count the bytes it reads in the
       caches' place (each row's window of token ids, the (V, 2D) table and the window's rotary tables) and also
-      give their rate against the caches' ceiling ("..._with_cross_caches"). Each decode row also records the
+      give their rate against the caches' ceiling ("..._with_cross_caches"); "fused_vocabulary_one_prompt"
+      (batch 16) samples every row from the same prompt, as `perceiver generate -n` does, whose prompt-pass
+      latent slots the rows share and the step reads once (counted once). Each decode row also records the
       bandwidth measured right before and after it and its fraction of that ceiling (those measurements count
       toward the run's limit too), and its "paired" fraction: one matvec is timed after every 16 cached steps, and
       the steps' median rate is set against those matvecs' median (the same seconds of the VM's memory, and the
