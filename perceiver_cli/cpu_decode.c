@@ -82,8 +82,8 @@ typedef struct {
     long position;                      /* the newest token's: the window's slot t is position - cross_length + 1 + t */
     float *vocabulary_work[MAX_THREADS]; /* each thread's per-token tables of attend_vocabulary */
     /* Slots [0, shared) of every row's cross-attention cache / latent caches hold row 0's values (a batch of one
-       prompt: generate.DecodeState.shared_rows): rows read them from row 0, whose copy the caches then serve to
-       all rows instead of memory streaming each row's */
+       prompt: generate.DecodeState.shared_rows): the rows read them from row 0, each slot once for a group of
+       rows of a head (attend_cache_rows), instead of each row streaming its own copy from memory */
     long shared_cross, shared_latents;
 } Step;
 
