@@ -475,6 +475,22 @@ class DecodeState:
             logits = logits.expand(self.batch, -1).clone()
         return logits
 
+    def refill(self, window: Window) -> Tensor:
+        """latent_pass for a refill. Where the rows hold the same tokens but the newest (a prompt that fills the
+        context refills at the first new token), the pass over all but the newest position runs on row 0
+        (shared_rows) and the newest is one cached step per row: the same latents, the pass at a batch of one,
+        and the next steps then share its latent slots too."""
+        if not (self.batch > 1 and self.shared_end == window.end - 1 and window.num_latents > 1):
+            return self.latent_pass(window)
+        self.slide_to(window.start)  # with the newest position's slot, which append_inputs may have filled
+        # the pass over the window without its newest position: it must not see that position's keys/values,
+        # and its pending append (the fused step's) waits for the step
+        pending, self.pending_append = self.pending_append, False
+        self.length, self.cross_length, self.shared_rows = self.length - 1, self.cross_length - 1, True
+        self.latent_pass(Window(window.start, window.end - 1, window.num_latents - 1, refill=True))
+        self.length, self.cross_length, self.pending_append = self.length + 1, self.cross_length + 1, pending
+        return self.step(Window(window.start, window.end, window.num_latents, refill=False))
+
     def step(self, window: Window) -> Tensor:
         """One cached step: the newest position becomes one more latent. Returns its logits (B, V)."""
         assert window.end == self.length and window.num_latents == self.num_latents + 1
@@ -587,7 +603,7 @@ def generate_stream(
         if produced:
             window = next_window(window, c.max_context, n, refill_latents)
         if use_cache:
-            logits = state.latent_pass(window) if window.refill else state.step(window)
+            logits = state.refill(window) if window.refill else state.step(window)
         else:
             logits = window_logits(model, tokens, window)
         filtered = logits if logits_processor is None else logits_processor(logits)

@@ -201,9 +201,12 @@ def test_one_prompt_for_a_batch_fills_every_rows_caches_for_the_fused_steps(
         return torch.stack([step.logits for step in stream], dim=1)
 
     together = run(slice(None), 4)
+    # (with bf16 caches and a prompt that fills the context, the first refill is a pass over all but the newest
+    # position and one cached step, which reads the pass's latents from the caches, rounded to bf16)
+    tolerance = dict(rtol=1e-2, atol=1e-3) if cache_dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     for row in range(4):
         alone = run(slice(row, row + 1), 1)
-        torch.testing.assert_close(together[row : row + 1], alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together[row : row + 1], alone, **tolerance)
 
 
 @needs_kernel

@@ -172,10 +172,13 @@ def test_batched_generation_matches_rows_generated_alone(model):
         assert torch.equal(generate(model, prompt[row : row + 1], 50, temperature=0), batched[row : row + 1])
 
 
-def test_one_prompt_for_a_batch_is_prefilled_once_and_every_row_keeps_its_logits(model, monkeypatch):
+@pytest.mark.parametrize("prompt_length", [30, 45])
+def test_one_prompt_for_a_batch_is_prefilled_once_and_every_row_keeps_its_logits(model, monkeypatch, prompt_length):
     """`perceiver generate -n` gives every row the same prompt: its latent pass runs on one row and is copied to
-    all, then the rows go their own ways (forced tokens here) and each still gets the full forward's logits."""
-    prompt = torch.randint(0, 29, (1, 30), generator=torch.Generator().manual_seed(5)).repeat(3, 1)
+    all, then the rows go their own ways (forced tokens here) and each still gets the full forward's logits. A
+    prompt longer than the context (40) refills at the first new token, where the rows differ only in that
+    token: that refill's pass runs on one row too, and the new token is a cached step."""
+    prompt = torch.randint(0, 29, (1, prompt_length), generator=torch.Generator().manual_seed(5)).repeat(3, 1)
     forced = torch.randint(0, 29, (3, 60), generator=torch.Generator().manual_seed(6))
     attended_rows = []
     attend = model.cross_attention.attend
@@ -187,7 +190,9 @@ def test_one_prompt_for_a_batch_is_prefilled_once_and_every_row_keeps_its_logits
     monkeypatch.setattr(model.cross_attention, "attend", counting_attend)
     cached = list(generate_stream(model, prompt, 60, forced_tokens=forced))
     refills = sum(step.window.refill for step in cached)
-    assert refills >= 3 and attended_rows[:refills] == [1] + [3] * (refills - 1)  # the prompt's pass: one row
+    one_row = 2 if prompt_length > MAX_CONTEXT else 1  # the prompt's pass (and the refill right after it)
+    assert cached[1].window.refill == (prompt_length > MAX_CONTEXT)
+    assert refills >= 3 and attended_rows[:refills] == [1] * one_row + [3] * (refills - one_row)
     monkeypatch.undo()
     reference = list(generate_stream(model, prompt, 60, forced_tokens=forced, use_cache=False))
     for index, (a, b) in enumerate(zip(cached, reference, strict=True)):
