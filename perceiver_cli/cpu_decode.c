@@ -561,42 +561,13 @@ INLINE void prefetch_ahead(const void *cache, long at, int element, long row_byt
     for (long offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(ahead + offset, _MM_HINT_T1);
 }
 
-/* one query over `length` cached keys and values of (row b, head h): out = softmax(q K^T / sqrt Dh) V; bf16
-   caches are widened to fp32 as they are loaded, like bf16 weights; int8 ones are widened and each row's dot
-   product (keys) or weight (values) times the row's scale */
-INLINE void attend_cache(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
-                         float *out, int format) {
-    const int D = s->m->head_dim;
-    const long *st = block->cache_strides;
-    const long own = b * st[0] + h * st[1];
-    const float scale = 1.0f / sqrtf((float)D);
-    const int element = format == 0 ? 4 : format == 1 ? 2 : 1; /* int8 strides count bytes */
-    const long row_bytes = st[2] * element;
-    for (long t = 0; t < length; t++) { /* one dot product of D floats per key */
-        const long at = own + t * st[2];
-        prefetch_ahead(block->keys, at, element, row_bytes);
-        __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < D; d += 16)
-            acc = _mm512_fmadd_ps(load_cache(block->keys, at + d, format), _mm512_loadu_ps(q + d), acc);
-        scores[t] = _mm512_reduce_add_ps(acc) * (format == 2 ? row_scale(block->keys, at, D) * scale : scale);
-    }
-    const float inverse = exponentiate_scores(scores, length);
-    __m512 acc[8]; /* out += p[t] V[t] */
-    for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
-    for (long t = 0; t < length; t++) {
-        const long at = own + t * st[2];
-        prefetch_ahead(block->values, at, element, row_bytes);
-        __m512 p = _mm512_set1_ps(format == 2 ? scores[t] * row_scale(block->values, at, D) : scores[t]);
-        for (int c = 0; c < D / 16; c++)
-            acc[c] = _mm512_fmadd_ps(p, load_cache(block->values, at + 16 * c, format), acc[c]);
-    }
-    for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
-}
-
-/* attend_cache for the R rows b0 .. b0 + R - 1 of head h at once where the first `shared` slots of every row's
-   cache hold row 0's values (Step.shared_cross): each shared key and value is loaded once for the R rows, from
-   row 0, and each row's own slots follow as in attend_cache, in the same order of sums (the same results).
-   `scores`: R rows of `stride` floats. R * head_dim / 16 accumulators: R <= 4, and <= 2 from head_dim 128. */
+/* One query per row over `length` cached keys and values, for the R rows b0 .. b0 + R - 1 of head h:
+   out = softmax(q K^T / sqrt Dh) V. bf16 caches are widened to fp32 as they are loaded, like bf16 weights; int8
+   ones are widened and each row's dot product (keys) or weight (values) times the row's scale. The first `shared`
+   slots of every row's cache hold row 0's values (Step.shared_cross): each of those keys and values is loaded
+   once for the R rows, from row 0, then each row's own slots follow. `scores`: R rows of `stride` floats.
+   R * head_dim / 16 accumulators: R <= 4, and <= 2 from head_dim 128; one row and no shared slot where the rows'
+   caches differ. */
 INLINE void attend_cache_rows(const Step *s, const Block *block, int b0, int R, int h, long length, long shared,
                               float *scores, long stride, int format) {
     const Model *m = s->m;
@@ -743,13 +714,6 @@ static void attend_vocabulary(const Step *s, int b, int h, const float *q, long 
     for (int c = 0; c < Dh / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
 }
 
-static void attend(const Step *s, const Block *block, int b, int h, const float *q, long length, float *scores,
-                   float *out) {
-    if (s->m->caches_int8) attend_cache(s, block, b, h, q, length, scores, out, 2);
-    else if (s->m->caches_bf16) attend_cache(s, block, b, h, q, length, scores, out, 1);
-    else attend_cache(s, block, b, h, q, length, scores, out, 0);
-}
-
 /* fp32 to bf16, rounding to nearest even as PyTorch's conversion does (the refills write bf16 caches that way) */
 INLINE uint16_t to_bf16(float x) {
     uint32_t bits;
@@ -798,7 +762,7 @@ static void prepare_row(Step *s, const Block *block, int b, int h, int write, lo
 
 /* the attention part of a block for this thread's items, then its output projection. An item is one (row, head),
    or, where the rows share their first cache slots (Step.shared_cross), a group of rows of one head, which
-   reads each shared slot once for the group (attend_rows). `scores`: SHARED_GROUP rows of s->scores_length. */
+   reads each shared slot once for the group (attend_cache_rows). `scores`: SHARED_GROUP rows of s->scores_length. */
 #define SHARED_GROUP 4
 static void attention_phase(Step *s, int id, const Block *block, int is_cross, float *scores) {
     const Model *m = s->m;
@@ -814,10 +778,9 @@ static void attention_phase(Step *s, int id, const Block *block, int is_cross, f
         const int b0 = item / m->heads * group, h = item % m->heads;
         const int rows = m->batch - b0 < group ? m->batch - b0 : group;
         for (int b = b0; b < b0 + rows; b++) prepare_row(s, block, b, h, !is_cross || s->append, slot);
-        float *q = s->query + (long)b0 * D + h * Dh, *out = s->mixed + (long)b0 * D + h * Dh;
-        if (shared > 0) attend_rows(s, block, b0, rows, h, length, shared, scores, s->scores_length);
-        else if (from_vocabulary) attend_vocabulary(s, b0, h, q, length, scores, out, work);
-        else attend(s, block, b0, h, q, length, scores, out);
+        if (from_vocabulary) attend_vocabulary(s, b0, h, s->query + (long)b0 * D + h * Dh, length, scores,
+                                               s->mixed + (long)b0 * D + h * Dh, work);
+        else attend_rows(s, block, b0, rows, h, length, shared, scores, s->scores_length);
     }
     barrier(s);
     product(s, id, block->out, D, D, s->mixed, D, s->hidden, D, 1, 0); /* hidden += W_out mixed */
