@@ -1,4 +1,5 @@
-"""bf16 linear layers on AMX tiles (Intel Sapphire Rapids and later) for inference, from cpu_linear.c.
+"""Linear layers for inference on CPUs: bf16 on AMX tiles (Intel Sapphire Rapids and later) from cpu_linear.c, and
+fp32 through PyTorch's oneDNN on weights prepacked once (`linear_fp32`, at the end).
 
 Under bf16 autocast PyTorch casts every weight to bf16 again on every call, and oneDNN runs the MLP's down
 projection (K = 4 d > N = d) at about a third of its square-GEMM speed (BENCHMARKS.md "Stop 34"). `linear`
@@ -12,11 +13,14 @@ wherever `supports` says so; training and every other case keep PyTorch's.
 from __future__ import annotations
 
 import ctypes
+import platform
 from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .cpu_kernels import AVX512, FLAGS, load
 
@@ -124,6 +128,18 @@ def packed_weight(weight: Tensor | tuple[Tensor, ...]) -> Tensor:
     return kept[len(parts)][1]
 
 
+def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After every optimizer step: its parameters' version counters moved on, which the packed copies above and
+    below are keyed on. PyTorch's fused optimizers (AdamW(fused=True), what training uses) change the weights in
+    place without moving them, and in-training validation then ran on the weights packed at its first evaluation
+    (found in stop 38: a tiny run's validation loss 2.967 against 2.830 for its actual weights)."""
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    torch.autograd.graph.increment_version(parameters)
+
+
+register_optimizer_step_post_hook(_bump_versions)
+
+
 def supports_norm(norm: nn.Module) -> bool:
     """Whether `linear` can apply this LayerNorm to its input rows: affine, fp32, over the last dimension."""
     return (
@@ -203,4 +219,87 @@ def linear(
     status = _kernel().linear_forward(ctypes.byref(job))
     if status:
         raise RuntimeError(f"cpu_linear kernel failed with status {status}")
+    return out.view(*lead, out_features)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fp32 through oneDNN
+#
+# An fp32 prefill (`--dtype fp32`, every CPU without fast bf16) and fp32 evaluation run every product through
+# F.linear (MKL) with the GELU and the residual add as separate passes over the output. oneDNN's product on a
+# weight reordered once into its blocked layout, with the GELU or the add applied to each output block while it
+# is in cache (what inductor's CPU freezing pass does), ran the bench MLP (1,024 rows) 14.2 -> 13.5 ms and the
+# 16k-row key/value projection 54.8 -> 52.1 ms (BENCHMARKS.md "Stop 38"). fp32 arithmetic throughout: only
+# the order of the sums differs from MKL's, as between any two BLAS kernels.
+
+
+@cache
+def onednn_available() -> bool:
+    """Whether PyTorch's oneDNN linear ops are here, on x86 (the only CPUs they were measured on)."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return (
+        platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
+        and torch.backends.mkldnn.is_available()
+        and hasattr(mkldnn, "_reorder_linear_weight")
+        and hasattr(mkldnn, "_linear_pointwise")
+    )
+
+
+def supports_fp32(x: Tensor, weight: Tensor) -> bool:
+    """Whether `linear_fp32` takes x (..., K) and weight (N, K): fp32 inference (no autocast, no gradient) on a CPU
+    with oneDNN."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1]
+        and not torch.compiler.is_compiling()
+        and onednn_available()
+    )
+
+
+def onednn_weight(weight: Tensor) -> Tensor:
+    """weight (N, K) reordered for oneDNN's product, kept on the weight and made again after any in-place change
+    or storage swap (as `packed_weight`). Reordered for 1,024 rows: a prefill's latents; 16,384 rows ran the
+    same (67.1 against 67.5 ms) and so did 1-7 rows' products (which decoding takes elsewhere, StepLinear)."""
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    kept = weight.__dict__.get("_perceiver_onednn")
+    if kept is None or kept[0] != key:
+        kept = weight.__dict__["_perceiver_onednn"] = (
+            key,
+            torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1024),
+        )
+    return kept[1]
+
+
+def linear_fp32(
+    x: Tensor,
+    weight: Tensor,
+    activation: str | None = None,
+    norm: nn.Module | None = None,
+    residual: Tensor | None = None,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """model.Linear's activation(norm(x[rows] or x) @ weight.T) (+ residual) in fp32 through oneDNN (see
+    `supports_fp32`): the GELU or the add inside the product, the norm before it (on the table's rows rather
+    than on every position's copy of them where `rows` index a table with fewer rows)."""
+    if rows is not None:
+        if norm is not None and x.shape[0] < rows.numel():  # the norm is per row: the same values, fewer rows
+            x, norm = norm(x), None
+        x = F.embedding(rows, x)
+    if norm is not None:
+        x = norm(x)
+    out_features = weight.shape[0]
+    lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    packed = onednn_weight(weight)
+    if residual is not None and activation is None:
+        other = residual.reshape(-1, out_features)
+        out = torch.ops.mkldnn._linear_pointwise.binary(flat, other.contiguous(), packed, None, "add")
+    else:
+        attr, algorithm = ("gelu", "none") if activation == "gelu" else ("none", "")
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, None, attr, [], algorithm)
+        if residual is not None:
+            out = out + residual.reshape(-1, out_features)
     return out.view(*lead, out_features)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_decode
+from .cpu_linear import onednn_available as onednn_linear_available
 from .device import cpu_has_fast_bf16
 from .model import PerceiverAR, linear_parts
 
@@ -167,18 +167,6 @@ def window_schedule(
 
 # ----------------------------------------------------------------------------------------------------------
 # Cached decoding
-
-
-@functools.cache
-def onednn_linear_available() -> bool:
-    """Whether StepLinear prepacks for oneDNN: PyTorch built with it, on x86 (the only CPUs it was measured on)."""
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    return (
-        platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
-        and torch.backends.mkldnn.is_available()
-        and hasattr(mkldnn, "_reorder_linear_weight")
-        and hasattr(mkldnn, "_linear_pointwise")
-    )
 
 
 class StepLinear(nn.Module):

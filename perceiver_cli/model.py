@@ -216,6 +216,8 @@ class Linear(nn.Linear):
             )
         if rope is not None:  # Attention passes rope only where rotary_inside said the kernel takes it
             raise ValueError("rotary inside Linear needs cpu_linear's kernel (see rotary_inside)")
+        if cpu_linear.supports_fp32(x, self.weight):  # fp32 inference: oneDNN, the GELU or the add inside
+            return cpu_linear.linear_fp32(x, self.weight, activation, norm, residual, rows)
         return linear_parts(super().forward, x, activation, norm, residual, rows)
 
 

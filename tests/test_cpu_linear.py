@@ -181,3 +181,105 @@ def test_linear_gives_its_fp32_sums():
     assert sums.dtype == torch.float32 and rounded.dtype == torch.bfloat16
     assert torch.equal(sums, added) and torch.equal(sums.to(torch.bfloat16), rounded)
     torch.testing.assert_close(sums, autocast_reference(norm(table), weight), atol=2e-2, rtol=1.6e-2)
+
+
+needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_available(), reason="needs PyTorch's oneDNN on x86")
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_linear_fp32_matches_pytorch_ops(activation, with_residual):
+    torch.manual_seed(6)
+    norm = torch.nn.LayerNorm(96)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 45, 96) * 4 + 2
+    weight = torch.randn(70, 96) / 10
+    residual = torch.randn(3, 45, 70) if with_residual else None
+    with torch.no_grad():
+        assert cpu_linear.supports_fp32(x, weight)
+        ours = cpu_linear.linear_fp32(x, weight, activation, norm, residual)
+        expected = F.linear(norm(x), weight)
+        expected = F.gelu(expected) if activation == "gelu" else expected
+        expected = expected + residual if with_residual else expected
+    assert ours.shape == (3, 45, 70) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("positions", [20, 300])  # fewer and more positions than the table has rows
+def test_linear_fp32_reads_rows_of_a_table(positions):
+    torch.manual_seed(7)
+    table, weight, norm = torch.randn(50, 64) * 3 + 1, torch.randn(40, 64) / 8, torch.nn.LayerNorm(64)
+    rows = torch.randint(0, 50, (2, positions))
+    with torch.no_grad():
+        ours = cpu_linear.linear_fp32(table, weight, norm=norm, rows=rows)
+        expected = F.linear(norm(F.embedding(rows, table)), weight)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_onednn_weights_follow_the_weight():
+    x = torch.randn(64, 64)
+    weight = torch.nn.Parameter(torch.randn(32, 64) / 8)
+    with torch.no_grad():
+        before = cpu_linear.linear_fp32(x, weight)
+        assert cpu_linear.onednn_weight(weight) is cpu_linear.onednn_weight(weight)  # reordered once
+        weight.mul_(-2)  # an optimizer step changes it in place
+        after = cpu_linear.linear_fp32(x, weight)
+    torch.testing.assert_close(after, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, -2 * before, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_supports_fp32_only_for_fp32_inference():
+    x, weight = torch.randn(4, 64), torch.nn.Parameter(torch.randn(32, 64))
+    assert not cpu_linear.supports_fp32(x, weight)  # the weight needs a gradient: PyTorch's path trains
+    with torch.no_grad():
+        assert cpu_linear.supports_fp32(x, weight)
+        assert not cpu_linear.supports_fp32(x.bfloat16(), weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not cpu_linear.supports_fp32(x, weight)  # autocast's products are bf16
+
+
+@needs_onednn
+def test_model_fp32_forward_matches_pytorch_linear(monkeypatch):
+    """The whole model in fp32 inference, oneDNN's products against F.linear's: the same sums in another order."""
+    torch.manual_seed(0)
+    config = bench_config(2048)
+    model = PerceiverAR(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (1, 2048))
+    with torch.no_grad():
+        ours = model(tokens)
+        monkeypatch.setattr(cpu_linear, "supports_fp32", lambda *args: False)
+        theirs = model(tokens)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_onednn_weights_follow_a_fused_optimizer_step():
+    """AdamW(fused=True) changes the weight in place without moving its version counter: the step hook moves it."""
+    x = torch.randn(16, 64)
+    weight = torch.nn.Parameter(torch.randn(32, 64) / 8)
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    with torch.no_grad():
+        cpu_linear.linear_fp32(x, weight)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_linear.linear_fp32(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_packed_weights_follow_a_fused_optimizer_step():
+    x = torch.randn(16, 64)
+    weight = torch.nn.Parameter(torch.randn(32, 64) / 8)
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_linear.linear(x, weight)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = cpu_linear.linear(x, weight)
+    torch.testing.assert_close(after.float(), autocast_reference(x, weight), atol=2e-2, rtol=1.6e-2)

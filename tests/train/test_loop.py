@@ -55,6 +55,25 @@ def test_tiny_model_overfits_tiny_data(music_data, tmp_path):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_validation_sees_the_weights_of_its_step(music_data, tmp_path, dtype):
+    """In-training validation (inference: the CPU kernels' packed weights) scores the weights of the step it runs
+    at, after fused AdamW steps that change them in place without bumping their version counters."""
+    from perceiver_cli.train.loop import WindowSampler, evaluate_batches
+    from perceiver_cli.train.prepare import PreparedData
+
+    config = tiny(steps=30, eval_every=10, lr=1e-2, d_model=64, dtype=dtype)
+    result = train(music_data, tmp_path / "run", config)
+    fresh = PerceiverAR(result.model.config)
+    fresh.load_state_dict(result.model.state_dict())
+    batches = WindowSampler(PreparedData(music_data), "val", config, augment=False).fixed_batches(
+        config.eval_batches, config.batch_size
+    )
+    dtype_ = torch.float32 if dtype == "fp32" else torch.bfloat16
+    expected = evaluate_batches(fresh, batches, torch.device("cpu"), dtype_)
+    assert result.val_loss == pytest.approx(expected, rel=1e-4)
+
+
 def test_resume_equals_uninterrupted_training(music_data, tmp_path):
     straight = tmp_path / "straight"
     train(music_data, straight, tiny(steps=20, prefix_dropout=0.3))
