@@ -1,8 +1,7 @@
 """Where a 16k bf16 prefill of the bench model spends its time among our kernels: each call of cpu_linear's and
 cpu_attention's kernels timed in the model (the per-call minimum over 7 prefills), summed by shape, and the time
 between calls (BENCHMARKS.md "Stop 34"). With `fp32`: an fp32 prefill that projects every position's keys and
-values (the issue's count, `perceiver bench --efficiency`'s prefill_fp32 row), its products (F.linear) timed too
-(BENCHMARKS.md "Stop 37").
+values (the issue's count, `perceiver bench --efficiency`'s prefill_fp32 row), its products (F.linear; oneDNN's linear_fp32 from stop 38) timed too (BENCHMARKS.md "Stop 37", "Stop 38").
 
     python benchmarks/ab/prefill_breakdown.py [fp32]
 """
@@ -48,8 +47,13 @@ def main(fp32: bool = False) -> None:
     )
     timed(cpu_attention, "attention", lambda a: f"attention over {a[1].shape[-2]} keys")
     timed(cpu_attention, "rotary_in_place", lambda a: f"rotary of {a[0].shape[-2]} rows")
-    if fp32:
+    if fp32:  # the products: oneDNN's since stop 38 (norm, GELU and add included), F.linear's where it is not here
         timed(torch.nn.functional, "linear", lambda a: f"F.linear {tuple(a[0].shape[-2:])} -> {a[1].shape[0]}")
+        timed(
+            cpu_linear,
+            "linear_fp32",
+            lambda a: f"oneDNN {tuple(a[0].shape[-2:])}{' rows' if len(a) > 5 and a[5] is not None else ''} -> {a[1].shape[0]}",
+        )
 
     def prefill():
         with torch.no_grad(), autocast(torch.device("cpu"), torch.float32 if fp32 else torch.bfloat16):
