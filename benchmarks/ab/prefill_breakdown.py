@@ -52,7 +52,9 @@ def main(fp32: bool = False) -> None:
         timed(
             cpu_linear,
             "linear_fp32",
-            lambda a: f"oneDNN {tuple(a[0].shape[-2:])}{' rows' if len(a) > 5 and a[5] is not None else ''} -> {a[1].shape[0]}",
+            lambda a: (
+                f"oneDNN {tuple(a[0].shape[-2:])}{' rows' if len(a) > 5 and a[5] is not None else ''} -> {a[1].shape[0]}"
+            ),
         )
 
     def prefill():
